@@ -1,0 +1,138 @@
+"""Stage images and containers: build an image with BuildKit, run a stage container with its volumes.
+
+Builds go through the docker CLI because they need BuildKit (cache mounts for pip, a secret mount for a
+TLS-proxy CA bundle); running, inspecting and removing containers goes through the docker SDK.
+Containers run as a non-root user: the invoking user's uid:gid, so the files a stage writes into
+artifacts/ belong to whoever ran `invoke`, or IMAGE_UID when `invoke` itself runs as root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+from docker.errors import DockerException, ImageNotFound
+
+IMAGE_UID = 10001  # the non-root user every stage image creates (useradd --uid 10001 app)
+CA_SECRET_ID = "ca_bundle"  # Dockerfiles read it at /run/secrets/ca_bundle, for one RUN only
+
+
+class ContainerError(RuntimeError):
+    """A Docker engine, build or container problem, worded for the person at the terminal."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory mounted into a stage container; inputs are read-only."""
+
+    host: Path
+    container: str
+    read_only: bool = True
+
+
+def client() -> docker.DockerClient:
+    """A docker SDK client whose engine answers, or a ContainerError that says how to start one."""
+    try:
+        engine = docker.from_env()
+        engine.ping()
+    except DockerException as e:
+        raise ContainerError(f"no Docker engine answers ({e}); start one (`sudo systemctl start docker`, "
+                             "or `sudo dockerd &` where there is no systemd) and run again") from e
+    return engine
+
+
+def image_exists(tag: str) -> bool:
+    try:
+        client().images.get(tag)
+    except ImageNotFound:
+        return False
+    return True
+
+
+def buildkit_cli() -> list[str]:
+    """The command prefix of a docker CLI that builds with BuildKit.
+
+    `docker buildx build --load` where the buildx plugin is installed; otherwise a pre-23 client (such as
+    Debian's docker.io) whose classic `docker build` uses BuildKit when DOCKER_BUILDKIT=1 is set.
+    """
+    candidates = dict.fromkeys(p for p in (shutil.which("docker"), "/usr/bin/docker") if p and os.path.exists(p))
+    for cli in candidates:
+        if subprocess.run([cli, "buildx", "version"], capture_output=True).returncode == 0:
+            return [cli, "buildx", "build", "--load"]
+    for cli in candidates:
+        probe = subprocess.run([cli, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True)
+        major = probe.stdout.strip().split(".")[0]
+        if major.isdigit() and int(major) < 23:
+            return [cli, "build"]
+    raise ContainerError("no docker CLI here can build with BuildKit: install the buildx plugin "
+                         "(docker-buildx-plugin) or Debian's docker.io client, then run again")
+
+
+def ca_bundle() -> Path | None:
+    """The CA bundle of a TLS-intercepting proxy, if the host names one (PIP_CERT, then SSL_CERT_FILE)."""
+    for var in ("PIP_CERT", "SSL_CERT_FILE"):
+        value = os.environ.get(var)
+        if value and Path(value).is_file():
+            return Path(value)
+    return None
+
+
+def build(dockerfile: str, tag: str, build_args: Mapping[str, str] | None = None, context: str = ".") -> str:
+    """Build `dockerfile` as `tag` and return the image id.
+
+    A host CA bundle is passed as the BuildKit secret CA_SECRET_ID: it is mounted for the RUN steps that
+    download, and never stored in a layer. The layer cache makes an unchanged rebuild take seconds.
+    """
+    command = [*buildkit_cli(), "--file", dockerfile, "--tag", tag]
+    for key, value in (build_args or {}).items():
+        command += ["--build-arg", f"{key}={value}"]
+    if (bundle := ca_bundle()) is not None:
+        command += ["--secret", f"id={CA_SECRET_ID},src={bundle}"]
+    command.append(context)
+    print(f"building {tag} from {dockerfile}", file=sys.stderr)
+    done = subprocess.run(command, env={**os.environ, "DOCKER_BUILDKIT": "1"})
+    if done.returncode != 0:
+        raise ContainerError(f"building {tag} from {dockerfile} failed (exit {done.returncode}); "
+                             "the build output above says which step")
+    return client().images.get(tag).id
+
+
+def container_user() -> str:
+    """uid:gid a stage runs as: the invoking user's, or the images' non-root user when that is root."""
+    uid = os.getuid()
+    return f"{uid}:{os.getgid()}" if uid != 0 else f"{IMAGE_UID}:{IMAGE_UID}"
+
+
+def run(image: str, command: Sequence[str], mounts: Sequence[Mount] = (), env: Mapping[str, str] | None = None,
+        user: str | None = None, gpus: bool = False, workdir: str | None = None) -> int:
+    """Run a stage container to completion, streaming its output; return its exit code.
+
+    Writable mounts are created on the host first and, when `invoke` runs as root, handed to the
+    container's user so that it can write there. The container is removed afterwards, also on Ctrl-C.
+    """
+    user = user or container_user()
+    uid, gid = (int(x) for x in user.split(":"))
+    for m in mounts:
+        if not m.read_only:
+            m.host.mkdir(parents=True, exist_ok=True)
+            if os.getuid() == 0:
+                os.chown(m.host, uid, gid)
+    volumes = {str(m.host.resolve()): {"bind": m.container, "mode": "ro" if m.read_only else "rw"} for m in mounts}
+    requests = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else None
+    container = client().containers.run(
+        image, list(command), user=user, volumes=volumes, environment=dict(env or {}), device_requests=requests,
+        working_dir=workdir, detach=True, security_opt=["no-new-privileges"], cap_drop=["ALL"],
+    )
+    try:
+        for chunk in container.logs(stream=True, follow=True):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        return container.wait()["StatusCode"]
+    finally:
+        container.remove(force=True)

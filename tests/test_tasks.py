@@ -1,0 +1,31 @@
+"""tasks.py: the task list users see, each task documented, and a failing precondition worded as a fix."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "invoke"), *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_list_shows_documented_tasks():
+    listing = invoke("--list").stdout
+    for name in ("data", "images.base", "test"):
+        line = next((x for x in listing.splitlines() if x.strip().startswith(name + " ")), "")
+        assert len(line.split()) > 2, f"{name} is missing or has no docstring:\n{listing}"
+
+
+def test_data_task_validates_the_default_config():
+    done = invoke("data")
+    assert done.returncode == 0, done.stderr
+    assert '"examples": 264' in done.stdout
+
+
+def test_data_task_fails_on_bad_config_with_the_fix():
+    done = invoke("data", "--set", "train.rank=0")
+    assert done.returncode == 2
+    assert "--set train.rank=0: train.rank: input should be greater than 0 (got 0). Fix: use a value > 0" in done.stderr
