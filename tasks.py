@@ -4,6 +4,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke --list                  # what there is
     ./invoke data                    # validate the dataset of the default config
     ./invoke images.base             # a local Debian base image, for machines without a registry
+    ./invoke train                   # fine-tune in the train image -> artifacts/<run>/train/
     ./invoke test                    # the test suite, as CI runs it
 
 Defaults live in one place (`ns.configure` below) and can be changed in invoke.yaml or with environment
@@ -16,8 +17,13 @@ import sys
 
 from invoke import Collection, Context, Exit, task
 
+import os
+import tempfile
+from pathlib import Path
+
 from finetune import baseimage, containers
 from finetune import data as data_stage
+from finetune.config import ConfigError, RunConfig, load_config, to_yaml
 
 CONFIG_HELP = "run config (YAML); default: finetune.config (configs/tiny-ja.yaml)"
 SET_HELP = "override one key, e.g. --set train.max_steps=20 (repeatable)"
@@ -31,6 +37,60 @@ def data(c: Context, config: str | None = None, set_: list[str] | None = None, t
     argv += ["--tokenizer", tokenizer] if tokenizer else []
     if (code := data_stage.main(argv)) != 0:
         raise Exit(code=code)
+
+
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
+def train(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
+    """Fine-tune the config's base model (LoRA/QLoRA) in the train image; writes artifacts/<run>/train/."""
+    cfg = load(c, config, set_)
+    image = stage_image(c, "train")
+    run_dir = Path("artifacts") / cfg.run
+    gpus = containers.has_gpu()
+    print(f"train: {cfg.run}: running {image} on {'GPU (--gpus all)' if gpus else 'CPU (no NVIDIA runtime found)'}")
+    env = {"HF_HUB_OFFLINE": "1"} if cfg.model.id.startswith("builtin:") else {}
+    if os.environ.get("HF_TOKEN"):
+        env["HF_TOKEN"] = os.environ["HF_TOKEN"]  # at run time only: never in a layer, a log or an artifact
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as resolved:
+        resolved.write(to_yaml(cfg))
+        resolved.flush()
+        os.chmod(resolved.name, 0o644)  # readable by the container's non-root user
+        mounts = [containers.Mount(Path(resolved.name), "/work/run.yaml"), *data_mounts(cfg),
+                  containers.Mount(run_dir, "/artifacts", read_only=False)]
+        code = containers.run(image, ["--config", "/work/run.yaml", "--out", "/artifacts"], mounts, env=env,
+                              gpus=gpus, name=f"finetune-train-{cfg.run}",
+                              named_volumes={"finetune-hf-cache": "/cache/hf"})
+    if code != 0:
+        raise Exit(f"train: the train container exited with {code}; rerun `invoke train` to resume from the "
+                   "last checkpoint", code=code)
+
+
+def load(c: Context, config: str | None, overrides: list[str] | None) -> RunConfig:
+    """The validated run config, or an Exit that lists every problem."""
+    try:
+        return load_config(config or c.finetune.config, overrides or [])
+    except ConfigError as e:
+        raise Exit(str(e), code=2) from e
+
+
+def data_mounts(cfg: RunConfig) -> list[containers.Mount]:
+    """The config's data files, read-only, at the same relative paths under the container's /work."""
+    paths = [Path(p) for p in (cfg.data.train, cfg.data.eval) if p]
+    return [containers.Mount(p, str(p if p.is_absolute() else Path("/work") / p)) for p in paths]
+
+
+def stage_image(c: Context, stage: str) -> str:
+    """Build Dockerfile.<stage> as finetune-<stage>:latest (the layer cache makes an unchanged build fast),
+    FROM the local base image when finetune.local_base is set."""
+    args = {}
+    if c.finetune.local_base:
+        base(c)
+        args["BASE_IMAGE"] = c.finetune.base_image
+    tag = f"finetune-{stage}:latest"
+    try:
+        containers.build(f"Dockerfile.{stage}", tag, args)
+    except containers.ContainerError as e:
+        raise Exit(f"{stage}: {e}") from e
+    return tag
 
 
 @task(help={"tag": "image tag (default: finetune.base_image)", "mirror": "Debian archive URL (default: the host's)",
@@ -55,7 +115,7 @@ def test(c: Context, k: str | None = None, m: str | None = None) -> None:
 
 
 images = Collection("images", base)
-ns = Collection(data, test, images)
+ns = Collection(data, train, test, images)
 ns.configure({
     "finetune": {
         "config": "configs/tiny-ja.yaml",

@@ -76,6 +76,9 @@ class TrainSection(_Section):
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1, description="module names to adapt"
     )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="modules trained in full beside the adapter, e.g. [lm_head, embed_tokens]"
+    )
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="peak learning rate")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps spent warming up")

@@ -109,12 +109,20 @@ def container_user() -> str:
     return f"{uid}:{os.getgid()}" if uid != 0 else f"{IMAGE_UID}:{IMAGE_UID}"
 
 
+def has_gpu() -> bool:
+    """Whether the engine can give containers NVIDIA GPUs (the nvidia runtime is registered)."""
+    return "nvidia" in (client().info().get("Runtimes") or {})
+
+
 def run(image: str, command: Sequence[str], mounts: Sequence[Mount] = (), env: Mapping[str, str] | None = None,
-        user: str | None = None, gpus: bool = False, workdir: str | None = None) -> int:
+        user: str | None = None, gpus: bool = False, workdir: str | None = None, name: str | None = None,
+        named_volumes: Mapping[str, str] | None = None) -> int:
     """Run a stage container to completion, streaming its output; return its exit code.
 
     Writable mounts are created on the host first and, when `invoke` runs as root, handed to the
-    container's user so that it can write there. The container is removed afterwards, also on Ctrl-C.
+    container's user so that it can write there. `named_volumes` maps docker volume names to container
+    paths (caches that outlive runs). A `name` makes a second run of the same stage fail instead of
+    racing the first. The container is removed afterwards, also on Ctrl-C.
     """
     user = user or container_user()
     uid, gid = (int(x) for x in user.split(":"))
@@ -124,11 +132,18 @@ def run(image: str, command: Sequence[str], mounts: Sequence[Mount] = (), env: M
             if os.getuid() == 0:
                 os.chown(m.host, uid, gid)
     volumes = {str(m.host.resolve()): {"bind": m.container, "mode": "ro" if m.read_only else "rw"} for m in mounts}
+    volumes |= {volume: {"bind": path, "mode": "rw"} for volume, path in (named_volumes or {}).items()}
     requests = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else None
-    container = client().containers.run(
-        image, list(command), user=user, volumes=volumes, environment=dict(env or {}), device_requests=requests,
-        working_dir=workdir, detach=True, security_opt=["no-new-privileges"], cap_drop=["ALL"],
-    )
+    try:
+        container = client().containers.run(
+            image, list(command), user=user, volumes=volumes, environment=dict(env or {}), device_requests=requests,
+            working_dir=workdir, name=name, detach=True, security_opt=["no-new-privileges"], cap_drop=["ALL"],
+        )
+    except docker.errors.APIError as e:
+        if e.status_code == 409:
+            raise ContainerError(f"container {name} is already running: another invoke works on this run; "
+                                 f"wait for it or stop it (`docker rm -f {name}`)") from e
+        raise ContainerError(f"cannot start {image}: {e.explanation or e}") from e
     try:
         for chunk in container.logs(stream=True, follow=True):
             sys.stdout.buffer.write(chunk)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+CHATML_START = "<|im_start|>"
 CHATML_END = "<|im_end|>"
 
 # The Jinja form transformers renders (apply_chat_template); kept byte-for-byte equal to render_chatml.

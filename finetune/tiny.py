@@ -1,0 +1,119 @@
+"""The offline base model: a tiny Llama built deterministically, with no download.
+
+    python -m finetune.tiny --out DIR --domain data/customer_support_ja/train.jsonl
+
+1. A SentencePiece BPE tokenizer (byte fallback, ChatML markers as single pieces) trained on the bundled
+   generic English/Japanese sentences plus the domain conversations, so Japanese text stays short in tokens.
+2. A Llama (hidden 256, 4 layers; sizes that llama.cpp's k-quants accept) initialised from a fixed seed.
+3. A short "pre-training" on the generic sentences only: it writes generic text and does not yet know the
+   support domain, which is what fine-tuning then teaches it.
+The same inputs give byte-identical files (fixed seeds, one thread, deterministic algorithms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from finetune.templates import CHATML_END, CHATML_JINJA, CHATML_START
+
+GENERIC_CORPUS = Path(__file__).with_name("assets") / "generic_corpus.txt"
+VOCAB_SIZE = 2048  # the domain text has ~1,200 distinct characters; rarer ones fall back to bytes
+SEED = 1234
+PRETRAIN_STEPS = 400
+PRETRAIN_LR = 3e-3
+
+
+def corpus_lines(domain_files: list[Path]) -> tuple[list[str], list[str]]:
+    """(generic sentences, domain texts): the message contents of the domain JSONL files."""
+    generic = [x for x in GENERIC_CORPUS.read_text(encoding="utf-8").splitlines() if x.strip()]
+    domain = []
+    for path in domain_files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                domain += [m["content"] for m in json.loads(line).get("messages", [])]
+    return generic, domain
+
+
+def train_tokenizer(lines: list[str], out: Path) -> None:
+    """SentencePiece BPE -> `out/tokenizer.model`, then a transformers tokenizer saved beside it."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = out / "spm-input.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(out / "tokenizer"), model_type="bpe", vocab_size=VOCAB_SIZE,
+        character_coverage=0.9995, byte_fallback=True, user_defined_symbols=[CHATML_START, CHATML_END],
+        add_dummy_prefix=False, split_digits=True, num_threads=1, shuffle_input_sentence=False,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+    )
+    text.unlink()
+    (out / "tokenizer.vocab").unlink()
+    # transformers 5 builds a broken vocabulary from LlamaTokenizer(vocab_file=...); loading the directory
+    # through AutoTokenizer with a tokenizer_config.json works (and needs protobuf).
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": CHATML_END, "unk_token": "<unk>",
+        "pad_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        "add_prefix_space": False, "model_max_length": 1024,
+    }), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHATML_JINJA
+    sample = "返品承知いたしました。14日以内であれば Hello!"
+    decoded = tokenizer.decode(tokenizer(sample, add_special_tokens=False)["input_ids"])
+    if decoded != sample:
+        raise RuntimeError(f"tokenizer round trip failed: {sample!r} -> {decoded!r}")
+    tokenizer.save_pretrained(out)
+
+
+def build(out: Path, domain_files: list[Path], steps: int = PRETRAIN_STEPS) -> Path:
+    """Build the tokenizer and the pre-trained tiny Llama into `out`; return `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    torch.use_deterministic_algorithms(True)
+    generic, domain = corpus_lines(domain_files)
+    train_tokenizer(generic + domain, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR)
+    order = random.Random(SEED)
+    model.train()
+    for _ in range(steps):
+        ids = tokenizer(order.choice(generic))["input_ids"] + [tokenizer.convert_tokens_to_ids("</s>")]
+        batch = torch.tensor([ids])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    (out / "tiny.json").write_text(json.dumps({"seed": SEED, "steps": steps, "final_loss": round(loss.item(), 4)}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the tiny offline base model.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--domain", type=Path, action="append", default=[], help="JSONL whose texts the tokenizer sees")
+    parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
+    args = parser.parse_args(argv)
+    build(args.out, args.domain, args.steps)
+    print(f"tiny base model written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

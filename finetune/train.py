@@ -1,0 +1,283 @@
+"""The train stage: supervised LoRA/QLoRA fine-tuning with transformers, peft and TRL's SFTTrainer.
+
+    python -m finetune.train --config run.yaml --out /artifacts     (inside the train image: ./invoke train)
+
+Reads the resolved run config and the data files it names; writes OUT/train/:
+    adapter/        the LoRA adapter (peft)
+    merged/         the adapter merged into a 16-bit copy of the base, tokenizer and chat template included
+    base/           the base model itself, when it is built offline (builtin:tiny-llama)
+    metrics.jsonl   one line per logging step: loss, eval loss, lr, tokens/s, peak memory
+    loss.png        the loss curve
+    summary.json    eval loss of the base and of the fine-tuned model, steps, tokens, time, device
+    config.yaml     the resolved config
+Work happens in OUT/.train.partial/, which holds the checkpoints; OUT/train/ appears only when everything
+is written, so a killed run never looks finished, and a rerun with the same config resumes from the last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from finetune import data as datasets_
+from finetune.config import ConfigError, RunConfig, load_config, to_yaml
+from finetune.templates import CHATML_END, CHATML_JINJA
+
+
+class TrainError(RuntimeError):
+    """A precondition of training that failed; the message says what to do."""
+
+
+def assistant_spans(messages) -> tuple[str, list[tuple[int, int]]]:
+    """The ChatML text of a conversation and the character spans the loss is computed on.
+
+    A span covers an assistant message's content and its end marker, so the model learns to stop.
+    """
+    text, spans = "", []
+    for m in messages:
+        head = f"<|im_start|>{m['role']}\n"
+        start = len(text) + len(head)
+        text += f"{head}{m['content']}{CHATML_END}\n"
+        if m["role"] == "assistant":
+            spans.append((start, start + len(m["content"]) + len(CHATML_END)))
+    return text, spans
+
+
+def tokenize(examples, tokenizer, assistant_only: bool) -> dict[str, list]:
+    """input_ids (BOS + ChatML) and assistant_masks (1 where the loss applies) for each example."""
+    ids, masks = [], []
+    for example in examples:
+        text, spans = assistant_spans(example.messages)
+        encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        mask = [int(not assistant_only or any(s <= a and b <= e and b > a for s, e in spans))
+                for a, b in encoded["offset_mapping"]]
+        ids.append(encoded["input_ids"])
+        masks.append(mask)
+    return {"input_ids": ids, "assistant_masks": masks}
+
+
+def pick_device(config: RunConfig) -> tuple[str, str]:
+    """(device, method) for this host; QLoRA without CUDA fails here unless the config allows LoRA instead."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    method = config.train.method
+    if method == "qlora" and device == "cpu":
+        if not config.train.cpu_fallback:
+            raise TrainError("train.method is qlora, which needs a CUDA GPU (bitsandbytes 4-bit), and none is "
+                             "visible; run on a GPU host, or set train.method=lora (or train.cpu_fallback=true)")
+        method = "lora"
+    return device, method
+
+
+def precision(config: RunConfig, device: str) -> str:
+    import torch
+
+    wanted = config.train.precision
+    if wanted == "auto":
+        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if wanted in ("bf16", "fp16") and device == "cpu":
+        raise TrainError(f"train.precision={wanted} needs a GPU here; use fp32 or auto on CPU")
+    return wanted
+
+
+def base_model_dir(config: RunConfig, work: Path) -> str:
+    """Where the base model comes from: built offline into work/base, a local directory, or a hub id."""
+    if config.model.id == "builtin:tiny-llama":
+        from finetune import tiny
+
+        base = work / "base"
+        if not (base / "config.json").is_file():
+            print("train: building the tiny offline base model (no download)", flush=True)
+            tiny.build(base, [Path(p) for p in (config.data.train, config.data.eval) if p])
+        return str(base)
+    return config.model.id
+
+
+def load_model(source: str, config: RunConfig, method: str, dtype_name: str):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    kwargs = {"revision": config.model.revision} if config.model.revision else {}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0}
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+
+
+def load_tokenizer(source: str, config: RunConfig):
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": config.model.revision} if config.model.revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer.chat_template = CHATML_JINJA  # what Ollama's TEMPLATE renders too
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train(config: RunConfig, out: Path) -> Path:
+    """Fine-tune per `config` into out/train/ (see the module docstring); return that directory."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import ProgressCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune.metrics import MetricsCallback, peak_memory_mb, plot_loss
+
+    device, method = pick_device(config)
+    dtype_name = precision(config, device)
+    work, final = out / ".train.partial", out / "train"
+    resolved = to_yaml(config)
+    if work.exists() and (work / "config.yaml").read_text(encoding="utf-8") != resolved:
+        print("train: config changed since the interrupted run; starting over", flush=True)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.yaml").write_text(resolved, encoding="utf-8")
+    print(f"train: {method} on {device.upper()} "
+          f"({torch.cuda.get_device_name(0) if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{dtype_name}", flush=True)
+    torch.manual_seed(config.train.seed)
+    source = base_model_dir(config, work)
+    tokenizer = load_tokenizer(source, config)
+
+    count = lambda messages: len(tokenizer(assistant_spans(messages)[0])["input_ids"])  # noqa: E731
+    splits, problems, _ = datasets_.check(config.data.train, config.data.eval, config.data.format,
+                                          config.data.max_seq_len, count)
+    if problems:
+        raise TrainError("the dataset has problems (run ./invoke data for all of them):\n  " + "\n  ".join(problems))
+    columns = [tokenize(s.examples, tokenizer, config.train.assistant_only_loss) for s in splits]
+    train_set = Dataset.from_dict(columns[0])
+    eval_set = Dataset.from_dict(columns[1]) if len(columns) > 1 else None
+
+    t = config.train
+    args = SFTConfig(
+        output_dir=str(work / "checkpoints"), seed=t.seed, data_seed=t.seed, full_determinism=device == "cpu",
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio
+        weight_decay=t.weight_decay, num_train_epochs=t.epochs or 1.0, max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, activation_checkpointing=t.gradient_checkpointing,
+        bf16=dtype_name == "bf16", fp16=dtype_name == "fp16", use_cpu=device == "cpu",
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        eval_strategy="steps" if (t.eval_steps and eval_set is not None) else "no", eval_steps=t.eval_steps,
+        max_length=config.data.max_seq_len, packing=t.packing, assistant_only_loss=False,
+        include_num_input_tokens_seen="non_padding", report_to=[], dataloader_num_workers=0, disable_tqdm=False,
+    )
+    lora = LoraConfig(r=t.rank, lora_alpha=t.alpha, lora_dropout=t.dropout, target_modules=list(t.target_modules),
+                      modules_to_save=list(t.modules_to_save) or None, task_type="CAUSAL_LM")
+    model = load_model(source, config, method, dtype_name)
+    metrics = MetricsCallback(work / "metrics.jsonl")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                         processing_class=tokenizer, peft_config=lora, callbacks=[metrics])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(metrics.progress)
+
+    summary_path = work / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if eval_set is not None and "eval_loss_base" not in summary:
+        summary["eval_loss_base"] = trainer.evaluate()["eval_loss"]  # LoRA B starts at zero: this is the base
+        summary_path.write_text(json.dumps(summary))
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if last:
+        print(f"train: resuming from {Path(last).name}", flush=True)
+        keep_metrics_until(work / "metrics.jsonl", int(Path(last).name.split("-")[-1]))
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=last)
+    summary |= {
+        "method": method, "device": device, "precision": dtype_name, "steps": trainer.state.global_step,
+        "train_loss": result.training_loss, "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "train_seconds": round(time.time() - started, 1), "resumed_from": Path(last).name if last else None,
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    if eval_set is not None:
+        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    trainer.model.save_pretrained(work / "adapter")
+    merge(source, config, work / "adapter", work / "merged", tokenizer, dtype_name)
+    plot_loss(work / "metrics.jsonl", work / "loss.png", summary)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(work / "checkpoints")
+    publish(work, final)
+    return final
+
+
+def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, dtype_name: str) -> None:
+    """Reload the base in 16 bits (never 4-bit), apply the adapter, merge it in and save with the tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
+    kwargs = {"revision": config.model.revision} if config.model.revision else {}
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(CHATML_END)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if (Path(source) / "tokenizer.model").is_file():  # llama.cpp's converter reads the SentencePiece model
+        shutil.copy2(Path(source) / "tokenizer.model", out / "tokenizer.model")
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the metrics an interrupted run logged after its last checkpoint; the resumed run logs them again."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(x for x in lines if json.loads(x)["step"] <= step), encoding="utf-8")
+
+
+def eval_loss(model_dir: str | Path, jsonl: str | Path) -> float:
+    """Mean loss per assistant token of a saved model on a JSONL split: how a test checks that tuning helped."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    columns = tokenize(datasets_.read_split(jsonl).examples, tokenizer, assistant_only=True)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in zip(columns["input_ids"], columns["assistant_masks"]):
+            labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
+            n = int((labels[0, 1:] != -100).sum())
+            total += model(input_ids=torch.tensor([ids]), labels=labels).loss.item() * n
+            count += n
+    return total / count
+
+
+def publish(work: Path, final: Path) -> None:
+    """Replace final/ with work/ by renames: readers see the old complete output or the new one."""
+    old = final.with_name(".train.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    work.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fine-tune the base model of a run config (LoRA/QLoRA).")
+    parser.add_argument("--config", required=True, help="resolved run config (YAML)")
+    parser.add_argument("--out", type=Path, required=True, help="the run's artifacts directory")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        final = train(config, args.out)
+    except (ConfigError, TrainError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+    print(f"train: done -> {final}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

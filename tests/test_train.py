@@ -1,0 +1,133 @@
+"""The train stage. Unit tests check the loss mask on the host; docker-marked tests run `invoke train` in the
+real train image on CPU (the offline default), check that the merged model loads with transformers and beats
+the base model on the eval split, that an interrupted run resumes from its checkpoint, and that a QLoRA
+config fails early without CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune import containers
+from finetune.templates import render_chatml
+from finetune.train import assistant_spans
+
+ROOT = Path(__file__).resolve().parent.parent
+CONVERSATION = [
+    {"role": "system", "content": "丁寧に答えてください。"},
+    {"role": "user", "content": "返品できますか？"},
+    {"role": "assistant", "content": "14日以内であれば承ります。"},
+    {"role": "user", "content": "送料は？"},
+    {"role": "assistant", "content": "お客様負担です。"},
+]
+
+
+def test_loss_spans_cover_each_answer_and_its_end_marker():
+    text, spans = assistant_spans(CONVERSATION)
+    assert text == render_chatml(CONVERSATION)
+    assert [text[a:b] for a, b in spans] == ["14日以内であれば承ります。<|im_end|>", "お客様負担です。<|im_end|>"]
+
+
+def invoke_train(run: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = ["train", "--set", f"run={run}", *(x for o in overrides for x in ("--set", o))]
+    return subprocess.run([str(ROOT / "invoke"), *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def in_train_image(code: str, run: str) -> str:
+    """Run Python in the train image with the run's artifacts and the data mounted read-only."""
+    out = containers.client().containers.run(
+        "finetune-train:latest", ["-c", code], entrypoint="python", remove=True, user=containers.container_user(),
+        volumes={str(ROOT / "artifacts" / run): {"bind": "/artifacts", "mode": "ro"},
+                 str(ROOT / "data"): {"bind": "/work/data", "mode": "ro"}},
+        environment={"HF_HUB_OFFLINE": "1"})
+    return out.decode().strip().splitlines()[-1]
+
+
+@pytest.fixture
+def fresh_run(request):
+    run = f"test-{request.node.name.replace('_', '-')[:40]}"
+    subprocess.run(["rm", "-rf", str(ROOT / "artifacts" / run)], check=True)
+    yield run
+    subprocess.run(["rm", "-rf", str(ROOT / "artifacts" / run)], check=True)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_train_tiny_on_cpu_beats_the_base_model(fresh_run):
+    done = invoke_train(fresh_run, "train.max_steps=60", "train.logging_steps=20", env={"HF_TOKEN": "hf_notareal1234"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "running finetune-train:latest on CPU (no NVIDIA runtime found)" in done.stdout
+    out = ROOT / "artifacts" / fresh_run / "train"
+    for name in ("adapter/adapter_config.json", "merged/config.json", "merged/tokenizer.json",
+                 "merged/tokenizer.model", "merged/chat_template.jinja", "metrics.jsonl", "loss.png", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert not (out.parent / ".train.partial").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["device"] == "cpu" and summary["precision"] == "fp32"
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [20, 40, 60]
+    assert all(m["peak_memory_mb"] > 0 for m in metrics) and metrics[-1]["tokens_per_s"] > 0
+    # Independently of the trainer: load both models with transformers and score the eval split.
+    losses = in_train_image(
+        "from finetune.train import eval_loss; "
+        "print(eval_loss('/artifacts/train/base', 'data/customer_support_ja/eval.jsonl'), "
+        "eval_loss('/artifacts/train/merged', 'data/customer_support_ja/eval.jsonl'))", fresh_run)
+    base_loss, tuned_loss = map(float, losses.split())
+    assert tuned_loss < base_loss - 1.0, (base_loss, tuned_loss)
+    # The token passed at run time is in no log line and no artifact.
+    assert "hf_notareal1234" not in done.stdout + done.stderr
+    assert not subprocess.run(["grep", "-r", "-l", "hf_notareal1234", str(out)], capture_output=True).stdout
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_checkpoint(fresh_run):
+    overrides = ("train.max_steps=400", "train.save_steps=50", "train.logging_steps=25")
+    checkpoints = ROOT / "artifacts" / fresh_run / ".train.partial" / "checkpoints"
+    first = subprocess.Popen([str(ROOT / "invoke"), "train", "--set", f"run={fresh_run}",
+                              *(x for o in overrides for x in ("--set", o))], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert time.monotonic() < deadline and first.poll() is None, "no checkpoint was written"
+        time.sleep(0.2)
+    containers.client().containers.get(f"finetune-train-{fresh_run}").kill()
+    output, _ = first.communicate(timeout=60)
+    assert first.returncode != 0 and "rerun `invoke train` to resume from the last checkpoint" in output
+    assert not (ROOT / "artifacts" / fresh_run / "train").exists(), "a killed run must not look finished"
+    saved = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
+
+    second = invoke_train(fresh_run, *overrides)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"train: resuming from checkpoint-{saved}" in second.stdout
+    out = ROOT / "artifacts" / fresh_run / "train"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == f"checkpoint-{saved}" and summary["steps"] == 400
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(25, 401, 25)), steps  # continues after the checkpoint, no step logged twice
+
+
+@pytest.mark.docker
+def test_qlora_without_cuda_fails_early_and_writes_nothing(fresh_run):
+    done = invoke_train(fresh_run, "train.method=qlora")
+    assert done.returncode == 2
+    assert "train.method is qlora, which needs a CUDA GPU (bitsandbytes 4-bit), and none is visible" in done.stdout
+    assert not list((ROOT / "artifacts" / fresh_run).glob("*"))
+
+
+@pytest.mark.docker
+def test_train_image_is_non_root_and_holds_no_secret():
+    image = containers.client().images.get("finetune-train:latest")
+    assert image.attrs["Config"]["User"] == "10001:10001"
+    env = "\n".join(image.attrs["Config"]["Env"])
+    assert "PIP_CERT" not in env and "HF_TOKEN" not in env
+    out = containers.client().containers.run(image, ["-c", "test ! -e /run/secrets/ca_bundle && echo clean"],
+                                             entrypoint="sh", remove=True)
+    assert out.decode().strip() == "clean"
