@@ -5,6 +5,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke data                    # validate the dataset of the default config
     ./invoke images.base             # a local Debian base image, for machines without a registry
     ./invoke train                   # fine-tune in the train image -> artifacts/<run>/train/
+    ./invoke convert                 # GGUF + quants with the pinned llama.cpp -> artifacts/<run>/convert/
     ./invoke test                    # the test suite, as CI runs it
 
 Defaults live in one place (`ns.configure` below) and can be changed in invoke.yaml or with environment
@@ -50,18 +51,39 @@ def train(c: Context, config: str | None = None, set_: list[str] | None = None) 
     env = {"HF_HUB_OFFLINE": "1"} if cfg.model.id.startswith("builtin:") else {}
     if os.environ.get("HF_TOKEN"):
         env["HF_TOKEN"] = os.environ["HF_TOKEN"]  # at run time only: never in a layer, a log or an artifact
+    code = run_stage(image, cfg, [containers.Mount(run_dir, "/artifacts", read_only=False)], name="train",
+                     env=env, gpus=gpus, named_volumes={"finetune-hf-cache": "/cache/hf"})
+    if code != 0:
+        raise Exit(f"train: the train container exited with {code}; rerun `invoke train` to resume from the "
+                   "last checkpoint", code=code)
+
+
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
+def convert(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
+    """Convert the merged model to GGUF and quantize it (pinned llama.cpp); writes artifacts/<run>/convert/.
+
+    Every GGUF is checked (loads, metadata, a greedy answer that stops) and listed in convert/report.json.
+    """
+    cfg = load(c, config, set_)
+    image = stage_image(c, "convert")
+    run_dir = Path("artifacts") / cfg.run
+    mounts = [containers.Mount(run_dir, "/artifacts", read_only=False)]
+    if (run_dir / "train").is_dir():  # else the stage reports the missing model (docker would create the dir)
+        mounts.append(containers.Mount(run_dir / "train", "/artifacts/train"))
+    code = run_stage(image, cfg, mounts, name="convert")
+    if code != 0:
+        raise Exit(f"convert: the convert container exited with {code}", code=code)
+
+
+def run_stage(image: str, cfg: RunConfig, mounts: list[containers.Mount], name: str, **kwargs) -> int:
+    """Run a stage image on the resolved config (mounted at /work/run.yaml) and the config's data files."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as resolved:
         resolved.write(to_yaml(cfg))
         resolved.flush()
         os.chmod(resolved.name, 0o644)  # readable by the container's non-root user
-        mounts = [containers.Mount(Path(resolved.name), "/work/run.yaml"), *data_mounts(cfg),
-                  containers.Mount(run_dir, "/artifacts", read_only=False)]
-        code = containers.run(image, ["--config", "/work/run.yaml", "--out", "/artifacts"], mounts, env=env,
-                              gpus=gpus, name=f"finetune-train-{cfg.run}",
-                              named_volumes={"finetune-hf-cache": "/cache/hf"})
-    if code != 0:
-        raise Exit(f"train: the train container exited with {code}; rerun `invoke train` to resume from the "
-                   "last checkpoint", code=code)
+        mounts = [containers.Mount(Path(resolved.name), "/work/run.yaml"), *data_mounts(cfg), *mounts]
+        return containers.run(image, ["--config", "/work/run.yaml", "--out", "/artifacts"], mounts,
+                              name=f"finetune-{name}-{cfg.run}", **kwargs)
 
 
 def load(c: Context, config: str | None, overrides: list[str] | None) -> RunConfig:
@@ -115,7 +137,7 @@ def test(c: Context, k: str | None = None, m: str | None = None) -> None:
 
 
 images = Collection("images", base)
-ns = Collection(data, train, test, images)
+ns = Collection(data, train, convert, test, images)
 ns.configure({
     "finetune": {
         "config": "configs/tiny-ja.yaml",

@@ -21,6 +21,7 @@ from docker.errors import DockerException, ImageNotFound
 
 IMAGE_UID = 10001  # the non-root user every stage image creates (useradd --uid 10001 app)
 CA_SECRET_ID = "ca_bundle"  # Dockerfiles read it at /run/secrets/ca_bundle, for one RUN only
+BUILD_LOGS = ".build-logs"  # under the build context; the full output of the last build of each image
 
 
 class ContainerError(RuntimeError):
@@ -95,11 +96,17 @@ def build(dockerfile: str, tag: str, build_args: Mapping[str, str] | None = None
     if (bundle := ca_bundle()) is not None:
         command += ["--secret", f"id={CA_SECRET_ID},src={bundle}"]
     command.append(context)
-    print(f"building {tag} from {dockerfile}", file=sys.stderr)
-    done = subprocess.run(command, env={**os.environ, "DOCKER_BUILDKIT": "1"})
+    log = Path(context, BUILD_LOGS, f"{tag.replace(':', '_').replace('/', '_')}.log")
+    log.parent.mkdir(exist_ok=True)
+    print(f"building {tag} from {dockerfile} (log: {log}; a first build downloads and compiles for minutes)",
+          file=sys.stderr, flush=True)
+    with log.open("w") as out:
+        done = subprocess.run(command, env={**os.environ, "DOCKER_BUILDKIT": "1"}, stdout=out,
+                              stderr=subprocess.STDOUT)
     if done.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         raise ContainerError(f"building {tag} from {dockerfile} failed (exit {done.returncode}); "
-                             "the build output above says which step")
+                             f"the end of {log}:\n{tail}")
     return client().images.get(tag).id
 
 

@@ -24,6 +24,8 @@ VOCAB_SIZE = 2048  # the domain text has ~1,200 distinct characters; rarer ones 
 SEED = 1234
 PRETRAIN_STEPS = 400
 PRETRAIN_LR = 3e-3
+HIDDEN = 256  # a multiple of 256: llama.cpp's k-quants need rows of 256
+LAYERS = 4
 
 
 def corpus_lines(domain_files: list[Path]) -> tuple[list[str], list[str]]:
@@ -48,7 +50,7 @@ def train_tokenizer(lines: list[str], out: Path) -> None:
     spm.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(out / "tokenizer"), model_type="bpe", vocab_size=VOCAB_SIZE,
         character_coverage=0.9995, byte_fallback=True, user_defined_symbols=[CHATML_START, CHATML_END],
-        add_dummy_prefix=False, split_digits=True, num_threads=1, shuffle_input_sentence=False,
+        add_dummy_prefix=False, split_digits=False, num_threads=1, shuffle_input_sentence=False,
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
     )
     text.unlink()
@@ -80,8 +82,9 @@ def build(out: Path, domain_files: list[Path], steps: int = PRETRAIN_STEPS) -> P
     train_tokenizer(generic + domain, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HIDDEN // 64, num_key_value_heads=HIDDEN // 128, max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -87,18 +87,21 @@ def test_train_tiny_on_cpu_beats_the_base_model(fresh_run):
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_killed_training_resumes_from_its_last_checkpoint(fresh_run):
+def test_killed_training_resumes_from_its_last_checkpoint(fresh_run, tmp_path):
     overrides = ("train.max_steps=400", "train.save_steps=50", "train.logging_steps=25")
     checkpoints = ROOT / "artifacts" / fresh_run / ".train.partial" / "checkpoints"
-    first = subprocess.Popen([str(ROOT / "invoke"), "train", "--set", f"run={fresh_run}",
-                              *(x for o in overrides for x in ("--set", o))], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
-        assert time.monotonic() < deadline and first.poll() is None, "no checkpoint was written"
-        time.sleep(0.2)
-    containers.client().containers.get(f"finetune-train-{fresh_run}").kill()
-    output, _ = first.communicate(timeout=60)
+    log = tmp_path / "first.log"
+    with log.open("w") as sink:  # a file, not a pipe: nobody reads while we wait, and a full pipe would block
+        first = subprocess.Popen([str(ROOT / "invoke"), "train", "--set", f"run={fresh_run}",
+                                  *(x for o in overrides for x in ("--set", o))], cwd=ROOT,
+                                 stdout=sink, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+            assert time.monotonic() < deadline and first.poll() is None, "no checkpoint: " + log.read_text()[-2000:]
+            time.sleep(0.2)
+        containers.client().containers.get(f"finetune-train-{fresh_run}").kill()
+        first.wait(timeout=60)
+    output = log.read_text()
     assert first.returncode != 0 and "rerun `invoke train` to resume from the last checkpoint" in output
     assert not (ROOT / "artifacts" / fresh_run / "train").exists(), "a killed run must not look finished"
     saved = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))

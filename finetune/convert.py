@@ -1,0 +1,261 @@
+"""The convert stage: the merged Hugging Face model to GGUF with the pinned llama.cpp, then quantized, and
+every file checked.
+
+    python -m finetune.convert --config run.yaml --out /artifacts      (inside the convert image: ./invoke convert)
+
+Reads OUT/train/merged/ (read-only); writes OUT/convert/:
+    model-<outtype>.gguf     the full-precision conversion (f16, bf16 or f32)
+    model-<QUANT>.gguf       one per convert.quant_types (llama-quantize)
+    imatrix.gguf             when convert.imatrix: importance matrix from the training conversations
+    report.json              per file: type, size, bits/weight, sha256, load time, metadata checks, a greedy
+                             generation and how it ended, perplexity on the eval text; plus provenance
+    config.yaml              the resolved config
+Each check must pass: the file loads in llama-cpp-python (built from the same llama.cpp source), has the
+expected architecture, the training chat template and <|im_end|> as end of turn, and a greedy answer
+stops by itself. Work happens in OUT/.convert.partial/ and moves to OUT/convert/ only when all is done;
+on failure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from finetune import data as datasets_
+from finetune.config import ConfigError, RunConfig, load_config, to_yaml
+from finetune.templates import CHATML_END, render_chatml
+
+LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/opt/llama.cpp"))
+LLAMA_CPP_COMMIT = os.environ.get("LLAMA_CPP_COMMIT", "unknown")
+MAX_NEW_TOKENS = 256
+REPEAT_PENALTY = 1.1
+COMMON_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
+
+
+class ConvertError(RuntimeError):
+    """A precondition or a check that failed; the message says what to do."""
+
+
+def supported_architectures() -> list[str]:
+    """HF architectures the pinned converter handles (listed once at image build time)."""
+    text = (LLAMA_CPP_DIR / "supported-models.txt").read_text()
+    return re.findall(r"^\s*-\s*(\S+)\s*$", text, re.M)
+
+
+def check_merged(merged: Path) -> dict:
+    """The merged model's config.json, once the directory is complete and its architecture convertible."""
+    if not merged.is_dir():
+        raise ConvertError(f"no merged model at {merged}: run `invoke train` first")
+    missing = [name for name in ("config.json", "tokenizer_config.json") if not (merged / name).is_file()]
+    if not list(merged.glob("*.safetensors")):
+        missing.append("*.safetensors (the weights)")
+    if not ((merged / "tokenizer.json").is_file() or (merged / "tokenizer.model").is_file()):
+        missing.append("tokenizer.json or tokenizer.model")
+    if missing:
+        raise ConvertError(f"incomplete merged model in {merged}: missing {', '.join(missing)}; "
+                           "rerun `invoke train` to write it again")
+    hf_config = json.loads((merged / "config.json").read_text())
+    arch = (hf_config.get("architectures") or ["(none)"])[0]
+    supported = supported_architectures()
+    if arch not in supported:
+        common = [a for a in COMMON_ARCHITECTURES if a in supported]
+        raise ConvertError(f"architecture {arch!r} is not supported by the pinned llama.cpp converter "
+                           f"({LLAMA_CPP_COMMIT}); fine-tune a base model it converts, such as {', '.join(common)} "
+                           f"({len(supported)} in all: convert_hf_to_gguf.py --print-supported-models)")
+    return hf_config
+
+
+def run_tool(command: list[str], what: str) -> str:
+    """Run a llama.cpp tool; on failure raise ConvertError with the end of its output."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise ConvertError(f"{what} failed (exit {done.returncode}):\n{tail}")
+    return done.stdout + done.stderr
+
+
+def to_gguf(merged: Path, out: Path, outtype: str, description: str) -> None:
+    """convert_hf_to_gguf.py into out (via a temporary name, renamed when the converter succeeded)."""
+    metadata = out.with_suffix(".metadata.json")
+    metadata.write_text(json.dumps({"general.description": description}))
+    partial = out.with_suffix(".gguf.tmp")
+    try:
+        run_tool([sys.executable, str(LLAMA_CPP_DIR / "convert_hf_to_gguf.py"), str(merged), "--outfile", str(partial),
+                  "--outtype", outtype, "--metadata", str(metadata)], f"converting {merged} to {outtype}")
+    finally:
+        metadata.unlink()
+    partial.rename(out)
+
+
+def quantize(source: Path, out: Path, quant: str, imatrix: Path | None) -> None:
+    partial = out.with_suffix(".gguf.tmp")
+    command = ["llama-quantize", *(["--imatrix", str(imatrix)] if imatrix else []), str(source), str(partial), quant,
+               str(os.cpu_count() or 1)]
+    run_tool(command, f"quantizing to {quant}")
+    partial.rename(out)
+
+
+def conversations_text(path: str | Path) -> str:
+    """The conversations of a JSONL split rendered with the chat template: text for imatrix and perplexity."""
+    return "".join(render_chatml(e.messages) for e in datasets_.read_split(path).examples)
+
+
+def perplexity(model: Path, text_file: Path) -> float | None:
+    """llama-perplexity over text_file in 128-token chunks (the tiny model's context is short)."""
+    output = run_tool(["llama-perplexity", "-m", str(model), "-f", str(text_file), "-c", "128", "-b", "128",
+                       "-t", str(os.cpu_count() or 1)], f"perplexity of {model.name}")
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", output)
+    return float(found.group(1)) if found else None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path, expected_arch: str, chat_template: str, prompt_messages: list[dict]) -> dict:
+    """Load a GGUF, check its metadata, and generate greedily; raise ConvertError if anything is off."""
+    import gguf
+    from llama_cpp import Llama
+
+    reader = gguf.GGUFReader(path)
+    field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
+    arch, template = field("general.architecture"), field("tokenizer.chat_template")
+    tokens = field("tokenizer.ggml.tokens")
+    end_ids = [i for i in (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id")) if i is not None]
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    problems = []
+    if arch != expected_arch:
+        problems.append(f"architecture is {arch!r}, expected {expected_arch!r}")
+    if template != chat_template:
+        problems.append("tokenizer.chat_template differs from the one the model was trained with")
+    if CHATML_END not in [tokens[i] for i in end_ids]:
+        problems.append(f"neither EOS nor EOT is {CHATML_END}: generation would not stop at the end of a turn")
+
+    started = time.monotonic()
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
+    load_seconds = time.monotonic() - started
+    prompt = llm.tokenize(render_chatml(prompt_messages, add_generation_prompt=True).encode(), add_bos=True,
+                          special=True)
+    # Greedy, with the repeat penalty llama.cpp and Ollama apply by default (1.1): a model whose template or
+    # end token is wrong still runs to the limit, while a small model's digit loops ("000...") do not.
+    result = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=1, seed=0,
+                                   repeat_penalty=REPEAT_PENALTY)
+    choice = result["choices"][0]
+    if choice["finish_reason"] != "stop":
+        problems.append(f"a greedy answer (repeat penalty {REPEAT_PENALTY}) did not stop by itself within "
+                        f"{MAX_NEW_TOKENS} tokens "
+                        f"(runaway generation: check the chat template and end tokens): {choice['text'][:120]!r}")
+    del llm
+    if problems:
+        raise ConvertError(f"{path.name} failed its checks: " + "; ".join(problems))
+    size = path.stat().st_size
+    return {
+        "file": path.name, "size_bytes": size, "bits_per_weight": round(size * 8 / n_params, 3),
+        "parameters": n_params, "sha256": sha256(path), "load_seconds": round(load_seconds, 3),
+        "architecture": arch, "end_of_turn": CHATML_END,
+        "greedy_answer": choice["text"], "generated_tokens": result["usage"]["completion_tokens"],
+        "finish_reason": choice["finish_reason"],
+    }
+
+
+def convert(config: RunConfig, out: Path) -> Path:
+    """Convert, quantize and check per `config` into out/convert/ (see the module docstring)."""
+    merged, work, final = out / "train" / "merged", out / ".convert.partial", out / "convert"
+    hf_config = check_merged(merged)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        (work / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+        c = config.convert
+        description = (f"fine-tuned by finetune run {config.run} from {config.model.id}"
+                       f"{'@' + config.model.revision if config.model.revision else ''}; llama.cpp {LLAMA_CPP_COMMIT}")
+        full = work / f"model-{c.outtype}.gguf"
+        print(f"convert: {merged} -> {full.name}", flush=True)
+        to_gguf(merged, full, c.outtype, description)
+        imatrix = None
+        if c.imatrix:
+            text = work / "imatrix-input.txt"
+            text.write_text(conversations_text(config.data.train), encoding="utf-8")
+            imatrix = work / "imatrix.gguf"
+            run_tool(["llama-imatrix", "-m", str(full), "-f", str(text), "-o", str(imatrix), "-c", "128"],
+                     "computing the importance matrix")
+            text.unlink()
+        files = [(c.outtype, full)]
+        for quant in c.quant_types:
+            target = work / f"model-{quant}.gguf"
+            print(f"convert: {full.name} -> {target.name}", flush=True)
+            quantize(full, target, quant, imatrix)
+            files.append((quant, target))
+
+        template = json.loads((merged / "tokenizer_config.json").read_text()).get("chat_template")
+        if template is None and (merged / "chat_template.jinja").is_file():
+            template = (merged / "chat_template.jinja").read_text(encoding="utf-8")
+        first = datasets_.read_split(config.data.train).examples[0].messages
+        prompt = [m for m in first[: next(i for i, m in enumerate(first) if m["role"] == "user") + 1]]
+        reference = None
+        if config.data.eval:
+            reference = work / "perplexity-input.txt"
+            reference.write_text(conversations_text(config.data.eval), encoding="utf-8")
+        rows = []
+        for kind, path in files:
+            row = {"type": kind, **check_gguf(path, hf_config["model_type"], template, prompt)}
+            row["perplexity"] = perplexity(path, reference) if reference else None
+            rows.append(row)
+        if reference:
+            reference.unlink()
+        report = {
+            "run": config.run,
+            "llama_cpp": {"commit": LLAMA_CPP_COMMIT, "source": "llama-cpp-python==0.3.36 sdist "
+                          "sha256:832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"},
+            "source_model": {"architecture": hf_config["architectures"][0], "model_type": hf_config["model_type"]},
+            "files": rows,
+        }
+        (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print_table(rows)
+        if final.exists():
+            shutil.rmtree(final)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return final
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'file':<22} {'type':<7} {'size':>10} {'bpw':>6} {'load s':>7} {'ppl':>9}  sha256")
+    for r in rows:
+        ppl = f"{r['perplexity']:.3f}" if r["perplexity"] is not None else "-"
+        print(f"{r['file']:<22} {r['type']:<7} {r['size_bytes'] / 2**20:>8.2f}MB {r['bits_per_weight']:>6.2f} "
+              f"{r['load_seconds']:>7.3f} {ppl:>9}  {r['sha256'][:16]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Convert the run's merged model to GGUF and quantize it.")
+    parser.add_argument("--config", required=True, help="resolved run config (YAML)")
+    parser.add_argument("--out", type=Path, required=True, help="the run's artifacts directory")
+    args = parser.parse_args(argv)
+    try:
+        final = convert(load_config(args.config), args.out)
+    except (ConfigError, ConvertError) as e:
+        print(f"convert: {e}", file=sys.stderr)
+        return 2
+    print(f"convert: done -> {final}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

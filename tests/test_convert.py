@@ -1,0 +1,118 @@
+"""The convert stage in the real converter image: the tiny model trained by `invoke train` becomes an f16
+GGUF and k-quants, each loaded by llama-cpp-python (same llama.cpp source), checked and reported; bad inputs
+fail with a clear message and leave nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "invoke"), *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def sets(run: str, *overrides: str) -> list[str]:
+    return [x for o in (f"run={run}", *overrides) for x in ("--set", o)]
+
+
+@pytest.fixture(scope="session")
+def trained_run():
+    """The offline default, trained once for the convert and serve tests (artifacts/test-pipeline)."""
+    run = "test-pipeline"
+    if not (ROOT / "artifacts" / run / "train" / "merged" / "config.json").is_file():
+        done = invoke("train", *sets(run))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run
+
+
+def run_dir(run: str) -> Path:
+    return ROOT / "artifacts" / run
+
+
+def left_behind(run: str) -> list[str]:
+    return sorted(p.name for p in run_dir(run).glob("*convert*"))
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_convert_tiny_model_to_f16_and_kquants(trained_run):
+    done = invoke("convert", *sets(trained_run, "convert.quant_types=[Q4_K_M, Q8_0]", "serve.quant=Q4_K_M"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = run_dir(trained_run) / "convert"
+    report = json.loads((out / "report.json").read_text())
+    assert report["llama_cpp"]["commit"] == "0c1e57098"
+    rows = {r["type"]: r for r in report["files"]}
+    assert list(rows) == ["f16", "Q4_K_M", "Q8_0"]
+    for kind, row in rows.items():
+        path = out / f"model-{kind}.gguf"
+        assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert row["architecture"] == "llama" and row["finish_reason"] == "stop"
+        assert row["perplexity"] is not None and row["perplexity"] > 1
+    assert rows["Q4_K_M"]["size_bytes"] < rows["Q8_0"]["size_bytes"] < rows["f16"]["size_bytes"]
+    assert 4 < rows["Q4_K_M"]["bits_per_weight"] < rows["Q8_0"]["bits_per_weight"] < rows["f16"]["bits_per_weight"]
+    # Quantization moves the toy model a little, not a lot (measured: Q8_0 0.4%, Q4_K_M 3.6% from f16).
+    f16 = rows["f16"]["perplexity"]
+    assert abs(rows["Q8_0"]["perplexity"] - f16) < 0.02 * f16
+    assert abs(rows["Q4_K_M"]["perplexity"] - f16) < 0.20 * f16
+    assert "model-Q4_K_M.gguf" in done.stdout  # the table in the terminal
+    assert not (run_dir(trained_run) / ".convert.partial").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model-Q4_K_M.gguf", "model-Q8_0.gguf",
+                                                      "model-f16.gguf", "report.json"]
+
+
+@pytest.mark.docker
+def test_missing_merged_model(tmp_path):
+    run = "test-convert-missing"
+    subprocess.run(["rm", "-rf", str(run_dir(run))], check=True)
+    done = invoke("convert", *sets(run))
+    assert done.returncode == 2
+    assert "convert: no merged model at /artifacts/train/merged: run `invoke train` first" in done.stderr + done.stdout
+    assert left_behind(run) == []
+
+
+def fake_merged(run: str, files: dict[str, str]) -> None:
+    merged = run_dir(run) / "train" / "merged"
+    subprocess.run(["rm", "-rf", str(run_dir(run))], check=True)
+    merged.mkdir(parents=True)
+    for name, text in files.items():
+        (merged / name).write_text(text)
+    os.system(f"chmod -R a+rX {run_dir(run)}")
+
+
+@pytest.mark.docker
+def test_incomplete_merged_model():
+    run = "test-convert-incomplete"
+    fake_merged(run, {"config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})})
+    done = invoke("convert", *sets(run))
+    assert done.returncode == 2
+    assert ("incomplete merged model in /artifacts/train/merged: missing tokenizer_config.json, *.safetensors "
+            "(the weights), tokenizer.json or tokenizer.model; rerun `invoke train`") in done.stderr + done.stdout
+    assert left_behind(run) == []
+
+
+@pytest.mark.docker
+def test_unsupported_architecture():
+    run = "test-convert-arch"
+    fake_merged(run, {"config.json": json.dumps({"architectures": ["FooForCausalLM"], "model_type": "foo"}),
+                      "tokenizer_config.json": "{}", "tokenizer.json": "{}", "model.safetensors": ""})
+    done = invoke("convert", *sets(run))
+    assert done.returncode == 2
+    output = done.stderr + done.stdout
+    assert "architecture 'FooForCausalLM' is not supported by the pinned llama.cpp converter (0c1e57098)" in output
+    assert "LlamaForCausalLM" in output
+    assert left_behind(run) == []
+
+
+def test_unknown_quant_type_lists_valid_ones():
+    done = invoke("convert", *sets("test-convert-quant", "convert.quant_types=[Q4_K_X]"))
+    assert done.returncode == 2
+    assert "convert.quant_types[0]" in done.stderr and "use one of: Q2_K, Q3_K_S" in done.stderr
+    assert not run_dir("test-convert-quant").exists()
