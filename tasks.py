@@ -14,13 +14,12 @@ variables, e.g. INVOKE_FINETUNE_CONFIG=configs/qwen2.5-3b-ja-qlora.yaml, INVOKE_
 
 from __future__ import annotations
 
-import sys
-
-from invoke import Collection, Context, Exit, task
-
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+from invoke import Collection, Context, Exit, task
 
 from finetune import baseimage, containers
 from finetune import data as data_stage

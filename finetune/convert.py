@@ -18,7 +18,6 @@ on failure nothing is left behind.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,7 +29,8 @@ import time
 from pathlib import Path
 
 from finetune import data as datasets_
-from finetune.config import ConfigError, RunConfig, load_config, to_yaml
+from finetune.config import RunConfig, to_yaml
+from finetune.stage import stage_main
 from finetune.templates import CHATML_END, render_chatml
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/opt/llama.cpp"))
@@ -244,17 +244,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert the run's merged model to GGUF and quantize it.")
-    parser.add_argument("--config", required=True, help="resolved run config (YAML)")
-    parser.add_argument("--out", type=Path, required=True, help="the run's artifacts directory")
-    args = parser.parse_args(argv)
-    try:
-        final = convert(load_config(args.config), args.out)
-    except (ConfigError, ConvertError) as e:
-        print(f"convert: {e}", file=sys.stderr)
-        return 2
-    print(f"convert: done -> {final}", flush=True)
-    return 0
+    return stage_main("convert", "Convert the run's merged model to GGUF and quantize it.", convert, (ConvertError,), argv)
 
 
 if __name__ == "__main__":

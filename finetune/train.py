@@ -17,7 +17,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,7 +25,8 @@ import time
 from pathlib import Path
 
 from finetune import data as datasets_
-from finetune.config import ConfigError, RunConfig, load_config, to_yaml
+from finetune.config import RunConfig, to_yaml
+from finetune.stage import stage_main
 from finetune.templates import CHATML_END, CHATML_JINJA
 
 
@@ -265,18 +265,7 @@ def publish(work: Path, final: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Fine-tune the base model of a run config (LoRA/QLoRA).")
-    parser.add_argument("--config", required=True, help="resolved run config (YAML)")
-    parser.add_argument("--out", type=Path, required=True, help="the run's artifacts directory")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        final = train(config, args.out)
-    except (ConfigError, TrainError) as e:
-        print(f"train: {e}", file=sys.stderr)
-        return 2
-    print(f"train: done -> {final}", flush=True)
-    return 0
+    return stage_main("train", "Fine-tune the base model of a run config (LoRA/QLoRA).", train, (TrainError,), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""The command line every stage module shares: `python -m finetune.<stage> --config run.yaml --out DIR`.
+
+A stage is a function `(config, out) -> final directory`; its expected failures are exceptions whose
+message says what to do. They, and config errors, print as `<stage>: <message>` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from finetune.config import ConfigError, RunConfig, load_config
+
+
+def stage_main(name: str, description: str, run: Callable[[RunConfig, Path], Path],
+               errors: tuple[type[Exception], ...], argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m finetune.{name}", description=description)
+    parser.add_argument("--config", required=True, help="resolved run config (YAML)")
+    parser.add_argument("--out", type=Path, required=True, help="the run's artifacts directory")
+    args = parser.parse_args(argv)
+    try:
+        final = run(load_config(args.config), args.out)
+    except (ConfigError, *errors) as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    print(f"{name}: done -> {final}", flush=True)
+    return 0
