@@ -205,7 +205,7 @@ def convert(config: RunConfig, out: Path) -> Path:
         if template is None and (merged / "chat_template.jinja").is_file():
             template = (merged / "chat_template.jinja").read_text(encoding="utf-8")
         first = datasets_.read_split(config.data.train).examples[0].messages
-        prompt = [m for m in first[: next(i for i, m in enumerate(first) if m["role"] == "user") + 1]]
+        prompt = list(first[: next(i for i, m in enumerate(first) if m["role"] == "user") + 1])
         reference = None
         if config.data.eval:
             reference = work / "perplexity-input.txt"
