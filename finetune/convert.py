@@ -30,7 +30,7 @@ from pathlib import Path
 
 from finetune import data as datasets_
 from finetune.config import RunConfig, to_yaml
-from finetune.stage import stage_main
+from finetune.stage import publish, stage_main
 from finetune.templates import CHATML_END, render_chatml
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/opt/llama.cpp"))
@@ -226,9 +226,7 @@ def convert(config: RunConfig, out: Path) -> Path:
         }
         (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print_table(rows)
-        if final.exists():
-            shutil.rmtree(final)
-        work.rename(final)
+        publish(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -1,12 +1,14 @@
 """The command line every stage module shares: `python -m finetune.<stage> --config run.yaml --out DIR`.
 
 A stage is a function `(config, out) -> final directory`; its expected failures are exceptions whose
-message says what to do. They, and config errors, print as `<stage>: <message>` and exit 2.
+message says what to do. They, and config errors, print as `<stage>: <message>` and exit 2. A stage works
+in a hidden directory and `publish`es it as its output only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,3 +29,15 @@ def stage_main(name: str, description: str, run: Callable[[RunConfig, Path], Pat
         return 2
     print(f"{name}: done -> {final}", flush=True)
     return 0
+
+
+def publish(work: Path, final: Path) -> None:
+    """Replace final/ with a completed work/ by renames: readers see the old complete output or the new one."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    work.rename(final)
+    if old.exists():
+        shutil.rmtree(old)

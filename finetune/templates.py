@@ -20,7 +20,19 @@ CHATML_JINJA = (
 )
 
 
+def chatml_spans(messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """ChatML text of a conversation, `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, and the
+    character spans of each assistant answer with its end marker (where training computes the loss)."""
+    text, spans = "", []
+    for m in messages:
+        head = f"{CHATML_START}{m['role']}\n"
+        start = len(text) + len(head)
+        text += f"{head}{m['content']}{CHATML_END}\n"
+        if m["role"] == "assistant":
+            spans.append((start, start + len(m["content"]) + len(CHATML_END)))
+    return text, spans
+
+
 def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+    """The ChatML prompt string, optionally opening the assistant's turn."""
+    return chatml_spans(messages)[0] + (f"{CHATML_START}assistant\n" if add_generation_prompt else "")

@@ -26,34 +26,19 @@ from pathlib import Path
 
 from finetune import data as datasets_
 from finetune.config import RunConfig, to_yaml
-from finetune.stage import stage_main
-from finetune.templates import CHATML_END, CHATML_JINJA
+from finetune.stage import publish, stage_main
+from finetune.templates import CHATML_END, CHATML_JINJA, chatml_spans
 
 
 class TrainError(RuntimeError):
     """A precondition of training that failed; the message says what to do."""
 
 
-def assistant_spans(messages) -> tuple[str, list[tuple[int, int]]]:
-    """The ChatML text of a conversation and the character spans the loss is computed on.
-
-    A span covers an assistant message's content and its end marker, so the model learns to stop.
-    """
-    text, spans = "", []
-    for m in messages:
-        head = f"<|im_start|>{m['role']}\n"
-        start = len(text) + len(head)
-        text += f"{head}{m['content']}{CHATML_END}\n"
-        if m["role"] == "assistant":
-            spans.append((start, start + len(m["content"]) + len(CHATML_END)))
-    return text, spans
-
-
 def tokenize(examples, tokenizer, assistant_only: bool) -> dict[str, list]:
     """input_ids (BOS + ChatML) and assistant_masks (1 where the loss applies) for each example."""
     ids, masks = [], []
     for example in examples:
-        text, spans = assistant_spans(example.messages)
+        text, spans = chatml_spans(example.messages)
         encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
         mask = [int(not assistant_only or any(s <= a and b <= e and b > a for s, e in spans))
                 for a, b in encoded["offset_mapping"]]
@@ -100,12 +85,17 @@ def base_model_dir(config: RunConfig, work: Path) -> str:
     return config.model.id
 
 
+def pinned(config: RunConfig) -> dict:
+    """from_pretrained kwargs that fix the hub revision, when the config names one."""
+    return {"revision": config.model.revision} if config.model.revision else {}
+
+
 def load_model(source: str, config: RunConfig, method: str, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    kwargs = {"revision": config.model.revision} if config.model.revision else {}
+    kwargs = pinned(config)
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
@@ -116,8 +106,7 @@ def load_model(source: str, config: RunConfig, method: str, dtype_name: str):
 def load_tokenizer(source: str, config: RunConfig):
     from transformers import AutoTokenizer
 
-    kwargs = {"revision": config.model.revision} if config.model.revision else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **pinned(config))
     tokenizer.chat_template = CHATML_JINJA  # what Ollama's TEMPLATE renders too
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -151,7 +140,7 @@ def train(config: RunConfig, out: Path) -> Path:
     source = base_model_dir(config, work)
     tokenizer = load_tokenizer(source, config)
 
-    count = lambda messages: len(tokenizer(assistant_spans(messages)[0])["input_ids"])  # noqa: E731
+    count = lambda messages: len(tokenizer(chatml_spans(messages)[0])["input_ids"])  # noqa: E731
     splits, problems, _ = datasets_.check(config.data.train, config.data.eval, config.data.format,
                                           config.data.max_seq_len, count)
     if problems:
@@ -217,8 +206,7 @@ def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, d
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
-    kwargs = {"revision": config.model.revision} if config.model.revision else {}
-    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **pinned(config))
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(CHATML_END)
     merged.save_pretrained(out)
@@ -250,18 +238,6 @@ def eval_loss(model_dir: str | Path, jsonl: str | Path) -> float:
             total += model(input_ids=torch.tensor([ids]), labels=labels).loss.item() * n
             count += n
     return total / count
-
-
-def publish(work: Path, final: Path) -> None:
-    """Replace final/ with work/ by renames: readers see the old complete output or the new one."""
-    old = final.with_name(".train.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    work.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from finetune import containers
-from finetune.templates import render_chatml
-from finetune.train import assistant_spans
+from finetune.templates import chatml_spans, render_chatml
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERSATION = [
@@ -28,7 +27,7 @@ CONVERSATION = [
 
 
 def test_loss_spans_cover_each_answer_and_its_end_marker():
-    text, spans = assistant_spans(CONVERSATION)
+    text, spans = chatml_spans(CONVERSATION)
     assert text == render_chatml(CONVERSATION)
     assert [text[a:b] for a, b in spans] == ["14日以内であれば承ります。<|im_end|>", "お客様負担です。<|im_end|>"]
 
