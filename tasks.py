@@ -6,6 +6,10 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke images.base             # a local Debian base image, for machines without a registry
     ./invoke train                   # fine-tune in the train image -> artifacts/<run>/train/
     ./invoke convert                 # GGUF + quants with the pinned llama.cpp -> artifacts/<run>/convert/
+    ./invoke serve                   # Ollama serving the run's model (and its baseline), detached
+    ./invoke chat "商品を返品したいです"  # one answer from the served model, streamed
+    ./invoke stop                    # stop the run's Ollama container
+    ./invoke images.ollama           # Ollama built from pinned source, for machines without a registry
     ./invoke test                    # the test suite, as CI runs it
 
 Defaults live in one place (`ns.configure` below) and can be changed in invoke.yaml or with environment
@@ -23,6 +27,7 @@ from invoke import Collection, Context, Exit, task
 
 from finetune import baseimage, containers
 from finetune import data as data_stage
+from finetune import serve as serve_stage
 from finetune.config import ConfigError, RunConfig, load_config, to_yaml
 
 CONFIG_HELP = "run config (YAML); default: finetune.config (configs/tiny-ja.yaml)"
@@ -74,6 +79,43 @@ def convert(c: Context, config: str | None = None, set_: list[str] | None = None
         raise Exit(f"convert: the convert container exited with {code}", code=code)
 
 
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
+def serve(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
+    """Serve the converted model with Ollama, detached: writes artifacts/<run>/serve/ (Modelfiles) and starts
+    the serve container; prints the URL and the model names once they answer. Running it again replaces it."""
+    cfg = load(c, config, set_)
+    run_dir = Path("artifacts") / cfg.run
+    try:
+        written = serve_stage.write_modelfiles(cfg, run_dir)
+        image = stage_image(c, "serve")
+        served = serve_stage.start(cfg, run_dir, image)
+    except serve_stage.ServeError as e:
+        raise Exit(f"serve: {e}", code=2) from e
+    print(f"serve: Modelfiles in {written}")
+    print(f"serve: Ollama at {served.url} (container {served.container}); models: {', '.join(served.models)}")
+    print(f'serve: try `./invoke chat "商品を返品したいです"`; stop with `./invoke stop`')
+
+
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP, "question": "what to ask",
+                               "baseline": "ask <model_name>-baseline (base model + prompt) instead"})
+def chat(c: Context, question: str, config: str | None = None, set_: list[str] | None = None,
+         baseline: bool = False) -> None:
+    """Ask the served model one question (ollama client) and stream its answer."""
+    cfg = load(c, config, set_)
+    try:
+        serve_stage.chat(cfg, question, baseline=baseline)
+    except serve_stage.ServeError as e:
+        raise Exit(f"chat: {e}", code=1) from e
+
+
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
+def stop(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
+    """Stop and remove the run's serve container (the model store volume stays)."""
+    cfg = load(c, config, set_)
+    name = serve_stage.container_name(cfg)
+    print(f"stop: {name} {'removed' if serve_stage.stop(cfg) else 'was not running'}")
+
+
 def run_stage(image: str, cfg: RunConfig, mounts: list[containers.Mount], name: str, **kwargs) -> int:
     """Run a stage image on the resolved config (mounted at /work/run.yaml) and the config's data files."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as resolved:
@@ -101,11 +143,15 @@ def data_mounts(cfg: RunConfig) -> list[containers.Mount]:
 
 def stage_image(c: Context, stage: str) -> str:
     """Build Dockerfile.<stage> as finetune-<stage>:latest (the layer cache makes an unchanged build fast),
-    FROM the local base image when finetune.local_base is set."""
+    FROM the local base image (serve: the Ollama built from source) when finetune.local_base is set."""
     args = {}
     if c.finetune.local_base:
-        base(c)
-        args["BASE_IMAGE"] = c.finetune.base_image
+        if stage == "serve":
+            ollama(c)
+            args["OLLAMA_IMAGE"] = c.finetune.ollama_image
+        else:
+            base(c)
+            args["BASE_IMAGE"] = c.finetune.base_image
     tag = f"finetune-{stage}:latest"
     try:
         containers.build(f"Dockerfile.{stage}", tag, args)
@@ -128,6 +174,21 @@ def base(c: Context, tag: str | None = None, mirror: str | None = None, force: b
         raise Exit(f"images.base: {e}") from e
 
 
+@task(help={"force": "rebuild even if the image exists"})
+def ollama(c: Context, force: bool = False) -> None:
+    """Build Ollama from its pinned Go module sources on the local base image (Dockerfile.ollama)."""
+    tag = c.finetune.ollama_image
+    if containers.image_exists(tag) and not force:
+        print(f"images.ollama: {tag} exists (use --force to rebuild)")
+        return
+    base(c)
+    try:
+        containers.build("Dockerfile.ollama", tag, {"BASE_IMAGE": c.finetune.base_image})
+    except containers.ContainerError as e:
+        raise Exit(f"images.ollama: {e}") from e
+    print(f"images.ollama: {tag} built")
+
+
 @task(help={"k": "only tests matching this expression (pytest -k)", "m": "marker expression (pytest -m)"})
 def test(c: Context, k: str | None = None, m: str | None = None) -> None:
     """Run the test suite (unit tests and the docker-marked tests that build and run real images)."""
@@ -135,8 +196,8 @@ def test(c: Context, k: str | None = None, m: str | None = None) -> None:
     c.run(f"{sys.executable} -m pytest{args}", pty=False)
 
 
-images = Collection("images", base)
-ns = Collection(data, train, convert, test, images)
+images = Collection("images", base, ollama)
+ns = Collection(data, train, convert, serve, chat, stop, test, images)
 ns.configure({
     "finetune": {
         "config": "configs/tiny-ja.yaml",
@@ -144,5 +205,7 @@ ns.configure({
         # Build every stage image FROM base_image (made by images.base) instead of its upstream default;
         # for machines that cannot reach a container registry, such as CI here.
         "local_base": False,
+        # With local_base, the serve image is built FROM this Ollama (built from source by images.ollama).
+        "ollama_image": "finetune-ollama:0.24.0",
     },
 })

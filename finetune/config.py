@@ -22,6 +22,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from finetune import modelfile
+
 # llama-quantize types this project builds and checks. IQ* types need an importance matrix for every
 # tensor and are left out until the convert stage computes one by default.
 QUANT_TYPES = (
@@ -126,6 +128,8 @@ class ServeSection(_Section):
     num_ctx: int = Field(2048, ge=64, le=1048576, description="context window Ollama allocates")
     stop: list[str] = Field(default_factory=list, description="extra stop strings; the template's own are added")
     few_shot: list[FewShot] = Field(default_factory=list, description="example turns (MESSAGE) for the baseline")
+    baseline: bool = Field(True, description="also serve <model_name>-baseline: the base model with only "
+                                             "system_prompt and few_shot (prompt engineering, no fine-tuning)")
     host: str = Field("127.0.0.1", description="address the Ollama port is published on; 0.0.0.0 exposes it")
     port: int = Field(11434, gt=0, le=65535, description="host port of the Ollama API")
 
@@ -267,6 +271,7 @@ def _cross_checks(config: RunConfig, root: Path) -> list[tuple[tuple, str, str]]
     if s.quant not in servable:
         found.append((("serve", "quant"), f"{s.quant!r} is not built by the convert stage",
                       f"use one of {servable}, or add it to convert.quant_types"))
+    found += modelfile.text_problems(s)
     if len(set(c.quant_types)) != len(c.quant_types):
         found.append((("convert", "quant_types"), "lists a quant type twice", "list each type once"))
     return found

@@ -6,6 +6,8 @@ every file checked.
 Reads OUT/train/merged/ (read-only); writes OUT/convert/:
     model-<outtype>.gguf     the full-precision conversion (f16, bf16 or f32)
     model-<QUANT>.gguf       one per convert.quant_types (llama-quantize)
+    base-<serve.quant>.gguf  when serve.baseline: the base model (OUT/train/base/), for the prompt-engineering
+                             baseline that `invoke serve` puts beside the fine-tuned model
     imatrix.gguf             when convert.imatrix: importance matrix from the training conversations
     report.json              per file: type, size, bits/weight, sha256, load time, metadata checks, a greedy
                              generation and how it ended, perplexity on the eval text; plus provenance
@@ -125,8 +127,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_gguf(path: Path, expected_arch: str, chat_template: str, prompt_messages: list[dict]) -> dict:
-    """Load a GGUF, check its metadata, and generate greedily; raise ConvertError if anything is off."""
+def check_gguf(path: Path, expected_arch: str, chat_template: str | None, prompt_messages: list[dict]) -> dict:
+    """Load a GGUF, check its metadata, and generate greedily; raise ConvertError if anything is off.
+
+    chat_template None checks a base model: it loads and generates, but it was never taught the template
+    or to end its turn.
+    """
     import gguf
     from llama_cpp import Llama
 
@@ -139,9 +145,10 @@ def check_gguf(path: Path, expected_arch: str, chat_template: str, prompt_messag
     problems = []
     if arch != expected_arch:
         problems.append(f"architecture is {arch!r}, expected {expected_arch!r}")
-    if template != chat_template:
+    tuned = chat_template is not None
+    if tuned and template != chat_template:
         problems.append("tokenizer.chat_template differs from the one the model was trained with")
-    if CHATML_END not in [tokens[i] for i in end_ids]:
+    if tuned and CHATML_END not in [tokens[i] for i in end_ids]:
         problems.append(f"neither EOS nor EOT is {CHATML_END}: generation would not stop at the end of a turn")
 
     started = time.monotonic()
@@ -154,7 +161,7 @@ def check_gguf(path: Path, expected_arch: str, chat_template: str, prompt_messag
     result = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=1, seed=0,
                                    repeat_penalty=REPEAT_PENALTY)
     choice = result["choices"][0]
-    if choice["finish_reason"] != "stop":
+    if tuned and choice["finish_reason"] != "stop":
         problems.append(f"a greedy answer (repeat penalty {REPEAT_PENALTY}) did not stop by itself within "
                         f"{MAX_NEW_TOKENS} tokens "
                         f"(runaway generation: check the chat template and end tokens): {choice['text'][:120]!r}")
@@ -200,6 +207,8 @@ def convert(config: RunConfig, out: Path) -> Path:
             print(f"convert: {full.name} -> {target.name}", flush=True)
             quantize(full, target, quant, imatrix)
             files.append((quant, target))
+        if config.serve.baseline and (base := out / "train" / "base").is_dir():
+            files.append((f"base {config.serve.quant}", base_gguf(base, work, config, description)))
 
         template = json.loads((merged / "tokenizer_config.json").read_text()).get("chat_template")
         if template is None and (merged / "chat_template.jinja").is_file():
@@ -212,7 +221,8 @@ def convert(config: RunConfig, out: Path) -> Path:
             reference.write_text(conversations_text(config.data.eval), encoding="utf-8")
         rows = []
         for kind, path in files:
-            row = {"type": kind, **check_gguf(path, hf_config["model_type"], template, prompt)}
+            row = {"type": kind, **check_gguf(path, hf_config["model_type"], None if kind.startswith("base") else
+                                              template, prompt)}
             row["perplexity"] = perplexity(path, reference) if reference else None
             rows.append(row)
         if reference:
@@ -233,11 +243,23 @@ def convert(config: RunConfig, out: Path) -> Path:
     return final
 
 
+def base_gguf(base: Path, work: Path, config: RunConfig, description: str) -> Path:
+    """The base model as a GGUF of the served quant type: what the prompt-engineering baseline serves."""
+    c, quant = config.convert, config.serve.quant
+    full, target = work / f"base-{c.outtype}.gguf", work / f"base-{quant}.gguf"
+    print(f"convert: {base} -> {target.name} (the baseline)", flush=True)
+    to_gguf(base, full, c.outtype, f"base model of {description}")
+    if quant != c.outtype:
+        quantize(full, target, quant, None)
+        full.unlink()
+    return target
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'file':<22} {'type':<7} {'size':>10} {'bpw':>6} {'load s':>7} {'ppl':>9}  sha256")
+    print(f"{'file':<22} {'type':<12} {'size':>10} {'bpw':>6} {'load s':>7} {'ppl':>9}  sha256")
     for r in rows:
         ppl = f"{r['perplexity']:.3f}" if r["perplexity"] is not None else "-"
-        print(f"{r['file']:<22} {r['type']:<7} {r['size_bytes'] / 2**20:>8.2f}MB {r['bits_per_weight']:>6.2f} "
+        print(f"{r['file']:<22} {r['type']:<12} {r['size_bytes'] / 2**20:>8.2f}MB {r['bits_per_weight']:>6.2f} "
               f"{r['load_seconds']:>7.3f} {ppl:>9}  {r['sha256'][:16]}")
 
 

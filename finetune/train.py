@@ -5,7 +5,8 @@
 Reads the resolved run config and the data files it names; writes OUT/train/:
     adapter/        the LoRA adapter (peft)
     merged/         the adapter merged into a 16-bit copy of the base, tokenizer and chat template included
-    base/           the base model itself, when it is built offline (builtin:tiny-llama)
+    base/           the base model itself (16-bit), for the baseline that `invoke serve` offers beside the
+                    fine-tuned model: the tiny model built offline, or a hub model when serve.baseline is on
     metrics.jsonl   one line per logging step: loss, eval loss, lr, tokens/s, peak memory
     loss.png        the loss curve
     summary.json    eval loss of the base and of the fine-tuned model, steps, tokens, time, device
@@ -207,6 +208,10 @@ def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, d
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
     base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **pinned(config))
+    if config.serve.baseline and not (out.parent / "base" / "config.json").is_file():
+        # The prompt-engineering baseline serves the untuned model; a hub model is kept here, in 16 bits.
+        base.save_pretrained(out.parent / "base")
+        tokenizer.save_pretrained(out.parent / "base")
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(CHATML_END)
     merged.save_pretrained(out)

@@ -1,0 +1,60 @@
+#!/bin/sh
+# The serve image's entrypoint: start `ollama serve`, create every model listed in MODELS_FILE from its
+# Modelfile, then keep serving. `finetune-serve health` is the HEALTHCHECK: healthy only once every listed
+# model exists. Each line of MODELS_FILE is `<model name> <Modelfile path relative to MODELS_FILE>`.
+# A restart creates the models again: the same Modelfile gives the same model (its blobs are reused).
+set -eu
+MODELS_FILE=${MODELS_FILE:-/artifacts/serve/models}
+READY_WAIT_S=${READY_WAIT_S:-60}
+
+models() {
+    grep -v '^[[:space:]]*\(#\|$\)' "$MODELS_FILE"
+}
+
+if [ "${1:-}" = health ]; then
+    models | while read -r name _; do
+        ollama show "$name" >/dev/null 2>&1 || exit 1
+    done
+    exit
+fi
+
+if [ ! -r "$MODELS_FILE" ]; then
+    echo "serve: no model list at $MODELS_FILE (mount artifacts/<run>/serve there; \`invoke serve\` writes it)" >&2
+    exit 2
+fi
+
+ollama serve &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null; wait "$server"; exit 0' TERM INT
+
+waited=0
+until ollama list >/dev/null 2>&1; do
+    if ! kill -0 "$server" 2>/dev/null; then
+        echo "serve: ollama serve exited before answering" >&2
+        exit 1
+    fi
+    waited=$((waited + 1))
+    if [ "$waited" -gt $((READY_WAIT_S * 2)) ]; then
+        echo "serve: ollama serve did not answer within ${READY_WAIT_S} s" >&2
+        exit 1
+    fi
+    sleep 0.5
+done
+
+cd "$(dirname "$MODELS_FILE")"
+models | while read -r name modelfile; do
+    echo "serve: creating $name from $modelfile"
+    # A FROM path that does not exist makes `ollama create` try to pull a model of that name instead.
+    gguf=$(sed -n 's/^FROM //p' "$modelfile")
+    if [ ! -f "$gguf" ]; then
+        echo "serve: $modelfile: FROM $gguf: no such file (run \`invoke convert\` first)" >&2
+        exit 1
+    fi
+    if ! ollama create "$name" -f "$modelfile"; then
+        echo "serve: \`ollama create $name -f $modelfile\` failed" >&2
+        exit 1
+    fi
+done || { kill -TERM "$server"; wait "$server" || true; exit 1; }
+echo "serve: ready: $(models | cut -d' ' -f1 | tr '\n' ' ')"
+
+wait "$server"

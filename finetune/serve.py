@@ -1,0 +1,152 @@
+"""The serve stage: Modelfiles for the run's GGUFs, and the Ollama container that serves them.
+
+Runs on the host (`invoke serve`); Ollama itself runs in the serve image. Writes artifacts/<run>/serve/:
+    Modelfile           the fine-tuned model: FROM ../convert/model-<serve.quant>.gguf, the training chat
+                        template, its stop tokens, SYSTEM and the sampling parameters
+    Modelfile.baseline  when serve.baseline: the base model with the same SYSTEM plus the few-shot turns
+                        (MESSAGE): the prompt engineering to try before fine-tuning
+    models              `<model name> <Modelfile>` per line: what the container creates at start
+The Modelfiles work outside the container too: `cd artifacts/<run>/serve && ollama create NAME -f Modelfile`.
+
+The container (finetune-serve-<run>) mounts serve/ and convert/ read-only, keeps Ollama's model store in
+the volume finetune-ollama-models, publishes the API on serve.host:serve.port (127.0.0.1 by default) and
+reports healthy once every model exists. `start` returns only then, or raises with the container's log.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from docker.errors import APIError, NotFound
+
+from finetune import containers, modelfile
+from finetune.config import RunConfig
+from finetune.stage import publish
+
+CONTAINER_PORT = "11434/tcp"
+MODELS_VOLUME = "finetune-ollama-models"
+HEALTHY_WITHIN_S = 300
+
+
+class ServeError(RuntimeError):
+    """A missing input or a container that did not become healthy; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    models: list[str]
+    container: str
+
+
+def container_name(config: RunConfig) -> str:
+    return f"finetune-serve-{config.run}"
+
+
+def baseline_name(model_name: str) -> str:
+    """`name-baseline`, keeping an explicit :tag at the end."""
+    name, sep, tag = model_name.partition(":")
+    return f"{name}-baseline{sep}{tag}"
+
+
+def url(config: RunConfig) -> str:
+    host = "127.0.0.1" if config.serve.host in ("0.0.0.0", "") else config.serve.host
+    return f"http://{host}:{config.serve.port}"
+
+
+def write_modelfiles(config: RunConfig, run_dir: Path) -> Path:
+    """Write run_dir/serve/ (see the module docstring) from the convert stage's GGUFs; return the directory."""
+    convert = run_dir / "convert"
+    quant = config.serve.quant
+    models = {config.serve.model_name: ("Modelfile", f"model-{quant}.gguf", [])}
+    if config.serve.baseline:
+        models[baseline_name(config.serve.model_name)] = ("Modelfile.baseline", f"base-{quant}.gguf",
+                                                          modelfile.few_shot_turns(config))
+    missing = [gguf for _, gguf, _ in models.values() if not (convert / gguf).is_file()]
+    if missing:
+        raise ServeError(f"no {' or '.join(missing)} in {convert}: run `invoke convert` first (serve.quant={quant} "
+                         "must be among the types it builds; the base GGUF is built when serve.baseline is true)")
+    work, final = run_dir / ".serve.partial", run_dir / "serve"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        for name, (file, gguf, turns) in models.items():
+            (work / file).write_text(modelfile.render(f"../convert/{gguf}", config, turns), encoding="utf-8")
+        (work / "models").write_text("".join(f"{name} {file}\n" for name, (file, _, _) in models.items()))
+        for path in work.iterdir():
+            path.chmod(0o644)  # readable by the container's user
+        publish(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return final
+
+
+def start(config: RunConfig, run_dir: Path, image: str) -> Served:
+    """(Re)start the run's serve container and wait until its models exist; an old one is replaced."""
+    stop(config)
+    engine = containers.client()
+    name = container_name(config)
+    models = [line.split(" ", 1)[0] for line in (run_dir / "serve" / "models").read_text().splitlines() if line]
+    try:
+        container = engine.containers.run(
+            image, name=name, detach=True, user=f"{containers.IMAGE_UID}:{containers.IMAGE_UID}",
+            ports={CONTAINER_PORT: (config.serve.host, config.serve.port)},
+            volumes={str((run_dir / "serve").resolve()): {"bind": "/artifacts/serve", "mode": "ro"},
+                     str((run_dir / "convert").resolve()): {"bind": "/artifacts/convert", "mode": "ro"},
+                     MODELS_VOLUME: {"bind": "/models", "mode": "rw"}},
+            labels={"finetune.run": config.run})
+    except APIError as e:
+        stop(config)
+        hint = (f"; another server holds port {config.serve.port}: `invoke stop` for its run, or set serve.port"
+                if "port is already allocated" in str(e) or "address already in use" in str(e) else "")
+        raise ServeError(f"cannot start {name} from {image}: {e.explanation or e}{hint}") from e
+    deadline = time.monotonic() + HEALTHY_WITHIN_S
+    while True:
+        container.reload()
+        state = container.attrs["State"]
+        health = (state.get("Health") or {}).get("Status")
+        if health == "healthy":
+            return Served(url(config), models, name)
+        if state["Status"] != "running" or health == "unhealthy" or time.monotonic() > deadline:
+            log = container.logs(tail=30).decode(errors="replace").rstrip()
+            why = (f"exited with {state['ExitCode']}" if state["Status"] != "running"
+                   else f"is {health or 'not healthy'} after {HEALTHY_WITHIN_S} s")
+            stop(config)
+            raise ServeError(f"{name} {why}; its log ends:\n{log}")
+        time.sleep(1)
+
+
+def stop(config: RunConfig) -> bool:
+    """Stop and remove the run's serve container; False if there was none."""
+    try:
+        container = containers.client().containers.get(container_name(config))
+    except NotFound:
+        return False
+    container.remove(force=True)
+    return True
+
+
+def chat(config: RunConfig, question: str, baseline: bool = False, out=sys.stdout) -> str:
+    """Ask the served model one question through the ollama client, streaming the answer to `out`."""
+    import ollama
+
+    model = baseline_name(config.serve.model_name) if baseline else config.serve.model_name
+    answer = []
+    try:
+        for part in ollama.Client(host=url(config)).chat(model=model, stream=True,
+                                                         messages=[{"role": "user", "content": question}]):
+            piece = part["message"]["content"]
+            answer.append(piece)
+            out.write(piece)
+            out.flush()
+    except ollama.ResponseError as e:
+        raise ServeError(f"{model} at {url(config)}: {e.error}; is it served? (`invoke serve`)") from e
+    except ConnectionError as e:
+        raise ServeError(f"no Ollama answers at {url(config)}: start it with `invoke serve`") from e
+    out.write("\n")
+    return "".join(answer)
