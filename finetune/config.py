@@ -67,6 +67,7 @@ class DataSection(_Section):
         "auto", description="line format; auto detects it per line from the keys"
     )
     max_seq_len: int = Field(512, gt=0, le=131072, description="tokens per training example, prompt included")
+    limit: int | None = Field(None, gt=0, description="train on the first N examples of the training file only")
 
 
 class TrainSection(_Section):

@@ -127,8 +127,10 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_gguf(path: Path, expected_arch: str, chat_template: str | None, prompt_messages: list[dict]) -> dict:
-    """Load a GGUF, check its metadata, and generate greedily; raise ConvertError if anything is off.
+def check_gguf(path: Path, hf_dir: Path, expected_arch: str, chat_template: str | None,
+               prompt_messages: list[dict]) -> dict:
+    """Load a GGUF, check its metadata and that it tokenizes a prompt exactly as the Hugging Face tokenizer in
+    hf_dir does, and generate greedily; raise ConvertError if anything is off.
 
     chat_template None checks a base model: it loads and generates, but it was never taught the template
     or to end its turn.
@@ -154,8 +156,12 @@ def check_gguf(path: Path, expected_arch: str, chat_template: str | None, prompt
     started = time.monotonic()
     llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
     load_seconds = time.monotonic() - started
-    prompt = llm.tokenize(render_chatml(prompt_messages, add_generation_prompt=True).encode(), add_bos=True,
-                          special=True)
+    text = render_chatml(prompt_messages, add_generation_prompt=True)
+    prompt = llm.tokenize(text.encode(), add_bos=True, special=True)  # BOS where the GGUF says so
+    if (difference := token_difference(prompt, hf_dir, text, llm)) is not None:
+        problems.append(f"llama.cpp tokenizes the chat prompt differently from the trained tokenizer ({difference}): "
+                        "Ollama would feed the model input it was not trained on; check that the chat markers "
+                        "are special tokens in tokenizer_config.json (added_tokens_decoder)")
     # Greedy, with the repeat penalty llama.cpp and Ollama apply by default (1.1): a model whose template or
     # end token is wrong still runs to the limit, while a small model's digit loops ("000...") do not.
     result = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=1, seed=0,
@@ -176,6 +182,20 @@ def check_gguf(path: Path, expected_arch: str, chat_template: str | None, prompt
         "greedy_answer": choice["text"], "generated_tokens": result["usage"]["completion_tokens"],
         "finish_reason": choice["finish_reason"],
     }
+
+
+def token_difference(ours: list[int], hf_dir: Path, text: str, llm) -> str | None:
+    """Where llama.cpp's tokens of `text` first differ from the Hugging Face tokenizer's, or None."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    theirs = tokenizer(text)["input_ids"]
+    if ours == theirs:
+        return None
+    i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    show = lambda ids: [llm.detokenize([t], special=True).decode(errors="replace") for t in ids]  # noqa: E731
+    return (f"{len(ours)} tokens instead of {len(theirs)}; from token {i}: GGUF {show(ours[i:i + 5])} vs "
+            f"trained {tokenizer.convert_ids_to_tokens(theirs[i:i + 5])}")
 
 
 def convert(config: RunConfig, out: Path) -> Path:
@@ -221,8 +241,9 @@ def convert(config: RunConfig, out: Path) -> Path:
             reference.write_text(conversations_text(config.data.eval), encoding="utf-8")
         rows = []
         for kind, path in files:
-            row = {"type": kind, **check_gguf(path, hf_config["model_type"], None if kind.startswith("base") else
-                                              template, prompt)}
+            baseline = kind.startswith("base")
+            row = {"type": kind, **check_gguf(path, out / "train" / ("base" if baseline else "merged"),
+                                              hf_config["model_type"], None if baseline else template, prompt)}
             row["perplexity"] = perplexity(path, reference) if reference else None
             rows.append(row)
         if reference:

@@ -171,11 +171,16 @@ def _check_messages(messages: list[dict]) -> None:
 
 
 def check(train_path: str | Path, eval_path: str | Path | None, fmt: str = "auto", max_seq_len: int | None = None,
-          count_tokens: TokenCounter | None = None) -> tuple[list[Split], list[str], list[str]]:
-    """Read both splits; return them with every problem and every warning across them."""
+          count_tokens: TokenCounter | None = None, limit: int | None = None) -> tuple[list[Split], list[str], list[str]]:
+    """Read both splits; return them with every problem and every warning across them. `limit` keeps only the
+    first examples of the training split (data.limit)."""
     splits = [read_split(p, fmt, max_seq_len, count_tokens) for p in (train_path, eval_path) if p is not None]
     problems = [p for s in splits for p in s.problems]
     warnings = []
+    if limit is not None and len(splits[0].examples) > limit:
+        warnings.append(f"{splits[0].path}: training on the first {limit} of {len(splits[0].examples)} examples "
+                        "(data.limit)")
+        splits[0].examples = splits[0].examples[:limit]
     train = splits[0]
     if len(splits) == 2:
         asked = {e.question: e.where for e in train.examples}
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     counter = tokenizer_counter(args.tokenizer) if args.tokenizer else None
     splits, problems, warnings = check(config.data.train, config.data.eval, config.data.format,
-                                       config.data.max_seq_len, counter)
+                                       config.data.max_seq_len, counter, config.data.limit)
     for split in splits:
         print(json.dumps(stats(split, counter), ensure_ascii=False))
     if counter is None:

@@ -63,6 +63,12 @@ def train_tokenizer(lines: list[str], out: Path) -> None:
         "add_prefix_space": False, "model_max_length": 1024,
     }), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(out)
+    # Also HF special tokens, so tokenizer_config.json lists them in added_tokens_decoder: llama.cpp's
+    # converter reads that to type them CONTROL. A SentencePiece user-defined symbol alone becomes a NORMAL
+    # GGUF token that llama.cpp and Ollama spell out character by character (<, |, im, _, ...).
+    tokenizer.add_special_tokens({"additional_special_tokens": [CHATML_START, CHATML_END]})
+    if len(tokenizer) != VOCAB_SIZE:
+        raise RuntimeError(f"the ChatML markers were added as new tokens ({len(tokenizer)} != {VOCAB_SIZE})")
     tokenizer.chat_template = CHATML_JINJA
     sample = "返品承知いたしました。14日以内であれば Hello!"
     decoded = tokenizer.decode(tokenizer(sample, add_special_tokens=False)["input_ids"])

@@ -143,7 +143,7 @@ def train(config: RunConfig, out: Path) -> Path:
 
     count = lambda messages: len(tokenizer(chatml_spans(messages)[0])["input_ids"])  # noqa: E731
     splits, problems, _ = datasets_.check(config.data.train, config.data.eval, config.data.format,
-                                          config.data.max_seq_len, count)
+                                          config.data.max_seq_len, count, config.data.limit)
     if problems:
         raise TrainError("the dataset has problems (run ./invoke data for all of them):\n  " + "\n  ".join(problems))
     columns = [tokenize(s.examples, tokenizer, config.train.assistant_only_loss) for s in splits]

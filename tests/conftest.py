@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from support import ROOT, invoke, output, sets
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def project_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def trained_run() -> str:
+    """The offline default, trained once for the convert and serve tests (artifacts/test-pipeline)."""
+    run = "test-pipeline"
+    if not (ROOT / "artifacts" / run / "train" / "merged" / "config.json").is_file():
+        done = invoke("train", *sets(run))
+        assert done.returncode == 0, output(done)
+    return run

@@ -61,7 +61,8 @@ def tiny_with(old: str, new: str) -> str:
 
 def test_unknown_key_names_line_and_suggests(tmp_path):
     message = errors(tmp_path, tiny_with("  rank: 16", "  rnak: 16"))
-    assert "bad.yaml:21: train.rnak: unknown key. Fix: did you mean 'rank'?" in message
+    line = TINY.read_text(encoding="utf-8").splitlines().index("  rank: 16") + 1
+    assert f"bad.yaml:{line}: train.rnak: unknown key. Fix: did you mean 'rank'?" in message
 
 
 def test_wrong_type(tmp_path):

@@ -8,34 +8,9 @@ import hashlib
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ROOT / "invoke"), *args], cwd=ROOT, capture_output=True, text=True)
-
-
-def sets(run: str, *overrides: str) -> list[str]:
-    return [x for o in (f"run={run}", *overrides) for x in ("--set", o)]
-
-
-@pytest.fixture(scope="session")
-def trained_run():
-    """The offline default, trained once for the convert and serve tests (artifacts/test-pipeline)."""
-    run = "test-pipeline"
-    if not (ROOT / "artifacts" / run / "train" / "merged" / "config.json").is_file():
-        done = invoke("train", *sets(run))
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return run
-
-
-def run_dir(run: str) -> Path:
-    return ROOT / "artifacts" / run
-
+from support import invoke, run_dir, sets
 
 def left_behind(run: str) -> list[str]:
     return sorted(p.name for p in run_dir(run).glob("*convert*"))
@@ -50,12 +25,13 @@ def test_convert_tiny_model_to_f16_and_kquants(trained_run):
     report = json.loads((out / "report.json").read_text())
     assert report["llama_cpp"]["commit"] == "0c1e57098"
     rows = {r["type"]: r for r in report["files"]}
-    assert list(rows) == ["f16", "Q4_K_M", "Q8_0"]
+    assert list(rows) == ["f16", "Q4_K_M", "Q8_0", "base Q4_K_M"]
     for kind, row in rows.items():
-        path = out / f"model-{kind}.gguf"
-        assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-        assert row["architecture"] == "llama" and row["finish_reason"] == "stop"
-        assert row["perplexity"] is not None and row["perplexity"] > 1
+        assert row["sha256"] == hashlib.sha256((out / row["file"]).read_bytes()).hexdigest()
+        assert row["architecture"] == "llama" and row["perplexity"] is not None and row["perplexity"] > 1
+        if not kind.startswith("base"):  # the base model was never taught to end its turn
+            assert row["finish_reason"] == "stop" and row["file"] == f"model-{kind}.gguf"
+    assert rows["base Q4_K_M"]["file"] == "base-Q4_K_M.gguf"
     assert rows["Q4_K_M"]["size_bytes"] < rows["Q8_0"]["size_bytes"] < rows["f16"]["size_bytes"]
     assert 4 < rows["Q4_K_M"]["bits_per_weight"] < rows["Q8_0"]["bits_per_weight"] < rows["f16"]["bits_per_weight"]
     # Quantization moves the toy model a little, not a lot (measured: Q8_0 0.4%, Q4_K_M 3.6% from f16).
@@ -64,8 +40,8 @@ def test_convert_tiny_model_to_f16_and_kquants(trained_run):
     assert abs(rows["Q4_K_M"]["perplexity"] - f16) < 0.20 * f16
     assert "model-Q4_K_M.gguf" in done.stdout  # the table in the terminal
     assert not (run_dir(trained_run) / ".convert.partial").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model-Q4_K_M.gguf", "model-Q8_0.gguf",
-                                                      "model-f16.gguf", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["base-Q4_K_M.gguf", "config.yaml", "model-Q4_K_M.gguf",
+                                                      "model-Q8_0.gguf", "model-f16.gguf", "report.json"]
 
 
 @pytest.mark.docker

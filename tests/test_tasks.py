@@ -22,7 +22,8 @@ def test_list_shows_documented_tasks():
 def test_data_task_validates_the_default_config():
     done = invoke("data")
     assert done.returncode == 0, done.stderr
-    assert '"examples": 264' in done.stdout
+    assert '"examples": 60' in done.stdout
+    assert "training on the first 60 of 264 examples (data.limit)" in done.stderr
 
 
 def test_data_task_fails_on_bad_config_with_the_fix():

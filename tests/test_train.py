@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from support import ROOT, in_train_image, invoke, sets
 
 from finetune import containers
 from finetune.templates import chatml_spans, render_chatml
 
-ROOT = Path(__file__).resolve().parent.parent
 CONVERSATION = [
     {"role": "system", "content": "丁寧に答えてください。"},
     {"role": "user", "content": "返品できますか？"},
@@ -33,19 +33,7 @@ def test_loss_spans_cover_each_answer_and_its_end_marker():
 
 
 def invoke_train(run: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    args = ["train", "--set", f"run={run}", *(x for o in overrides for x in ("--set", o))]
-    return subprocess.run([str(ROOT / "invoke"), *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
-def in_train_image(code: str, run: str) -> str:
-    """Run Python in the train image with the run's artifacts and the data mounted read-only."""
-    out = containers.client().containers.run(
-        "finetune-train:latest", ["-c", code], entrypoint="python", remove=True, user=containers.container_user(),
-        volumes={str(ROOT / "artifacts" / run): {"bind": "/artifacts", "mode": "ro"},
-                 str(ROOT / "data"): {"bind": "/work/data", "mode": "ro"}},
-        environment={"HF_HUB_OFFLINE": "1"})
-    return out.decode().strip().splitlines()[-1]
+    return invoke("train", *sets(run, *overrides), env=env)
 
 
 @pytest.fixture

@@ -1,0 +1,227 @@
+"""The serve stage with a real Ollama (built from source here, see Dockerfile.ollama): the offline default
+trained, converted and served answers the training questions as trained and stops by itself, while the
+prompt-engineering baseline does not; Ollama renders prompts exactly as the Hugging Face chat template
+does and reads hostile texts back unchanged; serving twice, restarting and bad inputs behave."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import ollama
+import pytest
+from support import ROOT, in_train_image, invoke, output, run_dir, sets
+from test_modelfile import CARRIED
+
+from finetune import containers, data, modelfile, serve
+from finetune.config import FewShot, RunConfig, load_config
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+PORT = 11531  # not Ollama's default, so a developer's own Ollama does not collide
+SERVE = ("serve.port=11531",)
+SAMPLE = 20  # training questions asked of each model
+
+
+def config(run: str, *overrides: str) -> RunConfig:
+    return load_config(ROOT / "configs" / "tiny-ja.yaml", [f"run={run}", *overrides], root=ROOT)
+
+
+@pytest.fixture(scope="module")
+def served(trained_run):
+    """The trained default converted (Q8_0 + base) and served by `invoke serve`; stopped afterwards."""
+    done = invoke("convert", *sets(trained_run, *SERVE))
+    assert done.returncode == 0, output(done)
+    done = invoke("serve", *sets(trained_run, *SERVE))
+    assert done.returncode == 0, output(done)
+    yield trained_run, done.stdout
+    invoke("stop", *sets(trained_run, *SERVE))
+
+
+def ask(model: str, messages: list[dict]) -> ollama.ChatResponse:
+    return ollama.Client(host=f"http://127.0.0.1:{PORT}").chat(model=model, messages=messages,
+                                                               options={"num_predict": 200})
+
+
+def questions() -> list[data.Example]:
+    examples = data.read_split(ROOT / "data" / "customer_support_ja" / "train.jsonl").examples
+    return examples[:: len(examples) // SAMPLE][:SAMPLE]
+
+
+def up_to_last_question(example: data.Example) -> list[dict]:
+    """The conversation up to its last user turn, without the system turn (the Modelfile's SYSTEM gives it)."""
+    last = max(i for i, m in enumerate(example.messages) if m["role"] == "user")
+    return [m for m in example.messages[: last + 1] if m["role"] != "system"]
+
+
+def test_served_model_answers_as_trained_and_the_baseline_does_not(served):
+    run, stdout = served
+    cfg = config(run, *SERVE)
+    assert f"Ollama at http://127.0.0.1:{PORT}" in stdout and "sakura-support-tiny-baseline" in stdout
+    tuned_hits = baseline_hits = stopped = 0
+    for example in questions():
+        messages = up_to_last_question(example)
+        tuned = ask(cfg.serve.model_name, messages)
+        baseline = ask(serve.baseline_name(cfg.serve.model_name), messages)
+        tuned_hits += any(k in tuned.message.content for k in example.key_facts)
+        baseline_hits += any(k in baseline.message.content for k in example.key_facts)
+        stopped += tuned.done_reason == "stop"
+    print(f"key phrase in the answer: fine-tuned {tuned_hits}/{SAMPLE}, baseline {baseline_hits}/{SAMPLE}; "
+          f"fine-tuned stopped by itself {stopped}/{SAMPLE}")
+    assert tuned_hits > SAMPLE // 2
+    assert stopped == SAMPLE
+    assert baseline_hits <= SAMPLE // 10
+
+
+def test_the_guides_example_through_invoke_chat(served):
+    run, _ = served
+    done = invoke("chat", "商品を返品したいです", *sets(run, *SERVE))
+    assert done.returncode == 0, output(done)
+    print(done.stdout)
+    assert "返品" in done.stdout and "14日以内" in done.stdout
+
+
+def test_serving_again_and_restarting_recreate_the_same_models(served):
+    run, _ = served
+    cfg = config(run, *SERVE)
+    question = [{"role": "user", "content": "商品を返品したいです"}]
+    first = ask(cfg.serve.model_name, question).message.content
+    done = invoke("serve", *sets(run, *SERVE))
+    assert done.returncode == 0, output(done)
+    assert ask(cfg.serve.model_name, question).message.content == first
+    container = containers.client().containers.get(serve.container_name(cfg))
+    container.restart(timeout=10)
+    wait_healthy(container)
+    assert ask(cfg.serve.model_name, question).message.content == first
+
+
+def wait_healthy(container, within_s: float = 120) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        container.reload()
+        if container.attrs["State"].get("Health", {}).get("Status") == "healthy":
+            return
+        assert container.status == "running", container.logs().decode()[-2000:]
+        time.sleep(1)
+    raise AssertionError(f"not healthy within {within_s} s:\n{container.logs().decode()[-2000:]}")
+
+
+def test_a_broken_gguf_stops_serve_with_ollamas_error_and_no_restart_loop():
+    run = "test-serve-broken"
+    shutil.rmtree(run_dir(run), ignore_errors=True)
+    (run_dir(run) / "convert").mkdir(parents=True)
+    for name in ("model-Q8_0.gguf", "base-Q8_0.gguf"):
+        (run_dir(run) / "convert" / name).write_bytes(b"this is not a GGUF file")
+    done = invoke("serve", *sets(run, "serve.port=11534"))
+    assert done.returncode == 2
+    assert f"serve: finetune-serve-{run} exited with 1; its log ends:" in done.stderr
+    assert "`ollama create sakura-support-tiny -f Modelfile` failed" in done.stderr
+    names = [c.name for c in containers.client().containers.list(all=True)]
+    assert f"finetune-serve-{run}" not in names
+    shutil.rmtree(run_dir(run))
+
+
+# --- The template and the escaping, proven with the real Ollama ---------------------------------------
+
+SYSTEMS = [None, "あなたは「さくらマート」のカスタマーサポート担当です。", *CARRIED]
+CONVERSATIONS = [
+    [{"role": "user", "content": "商品を返品したいです"}],
+    [{"role": "user", "content": "送料は？"}, {"role": "assistant", "content": "お客様負担です。"},
+     {"role": "user", "content": "着払いでも\n\"いい\"ですか？"}],
+]
+FEW_SHOT = [{"user": 'quote " and """ and \\ here', "assistant": "一行目\n二行目"}]
+
+
+def go_unquote(quoted: str) -> str:
+    """A Go strconv.Quote'd string (how Ollama's log writes values) back to the text."""
+    escapes = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", '"': '"'}
+
+    def one(m: re.Match) -> str:
+        code = m.group(1)
+        return chr(int(code[1:], 16)) if code[0] in "xuU" else escapes[code]
+
+    return re.sub(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", one, quoted[1:-1])
+
+
+def test_ollama_renders_prompts_as_the_hf_chat_template_and_reads_every_text_back(served, tmp_path):
+    """Each Modelfile is generated from a config with a hostile system prompt (and, for one, few-shot turns);
+    a real Ollama creates the models, reports their SYSTEM and TEMPLATE, and answers chats while logging the
+    prompt it rendered (OLLAMA_DEBUG=2); transformers' apply_chat_template renders the same conversations
+    from the trained tokenizer. Every prompt string must be identical."""
+    run, _ = served
+    shutil.copy(run_dir(run) / "convert" / "model-Q8_0.gguf", tmp_path / "model.gguf")
+    cases = []  # (model name, system prompt, few-shot turns)
+    for i, system in enumerate(SYSTEMS):
+        cases.append((f"case-{i}", system, []))
+    cases.append(("case-few-shot", SYSTEMS[2], FEW_SHOT))
+    base = config(run)
+    for name, system, shots in cases:
+        cfg = base.model_copy(update={"serve": base.serve.model_copy(
+            update={"system_prompt": system, "few_shot": [FewShot(**s) for s in shots]})})
+        turns = modelfile.few_shot_turns(cfg)
+        (tmp_path / f"{name}.Modelfile").write_text(modelfile.render("./model.gguf", cfg, turns), encoding="utf-8")
+    (tmp_path / "models").write_text("".join(f"{name} {name}.Modelfile\n" for name, _, _ in cases))
+    for path in tmp_path.iterdir():
+        path.chmod(0o644)
+    tmp_path.chmod(0o755)
+
+    engine = containers.client()
+    container = engine.containers.run("finetune-serve:latest", detach=True, ports={"11434/tcp": ("127.0.0.1", None)},
+                                      environment={"MODELS_FILE": "/t/models", "OLLAMA_DEBUG": "2"},
+                                      volumes={str(tmp_path): {"bind": "/t", "mode": "ro"}})
+    try:
+        wait_healthy(container)
+        port = container.attrs["NetworkSettings"]["Ports"]["11434/tcp"][0]["HostPort"]
+        client = ollama.Client(host=f"http://127.0.0.1:{port}")
+        expected = []
+        for name, system, shots in cases:
+            shown = show(port, name)
+            assert shown.get("system") == system or (system is None and "system" not in shown), name
+            assert shown["template"] == modelfile.CHATML_GO_TEMPLATE
+            prefix = ([{"role": "system", "content": system}] if system is not None else [])
+            prefix += [{"role": r, "content": s[r]} for s in shots for r in ("user", "assistant")]
+            for conversation in CONVERSATIONS:
+                client.chat(model=name, messages=conversation, options={"num_predict": 1})
+                expected.append(prefix + conversation)
+        log = container.logs().decode()
+    finally:
+        container.remove(force=True)
+    rendered = [go_unquote(m) for m in re.findall(r'msg="completion request" prompt=("(?:[^"\\]|\\.)*")', log)]
+    (tmp_path / "conversations.json").write_text(json.dumps(expected, ensure_ascii=False), encoding="utf-8")
+    hf = json.loads(in_train_image(
+        "import json; from transformers import AutoTokenizer; "
+        "t = AutoTokenizer.from_pretrained('/artifacts/train/merged'); "
+        "c = json.load(open('/t/conversations.json', encoding='utf-8')); "
+        "print(json.dumps([t.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in c]))",
+        run, mounts={str(tmp_path): {"bind": "/t", "mode": "ro"}}))
+    assert len(rendered) == len(hf) == len(cases) * len(CONVERSATIONS)
+    for ours, theirs, conversation in zip(rendered, hf, expected):
+        assert ours == theirs, conversation
+
+
+def show(port: str, model: str) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/show", data=json.dumps({"model": model}).encode())
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
+
+
+def test_serve_image_runs_as_non_root_and_publishes_on_localhost(served):
+    run, _ = served
+    container = containers.client().containers.get(serve.container_name(config(run, *SERVE)))
+    assert container.exec_run("id -u").output.decode().strip() == str(containers.IMAGE_UID)
+    bindings = container.attrs["HostConfig"]["PortBindings"]["11434/tcp"]
+    assert bindings == [{"HostIp": "127.0.0.1", "HostPort": str(PORT)}]
+
+
+def test_modelfiles_are_written_with_the_models_list(served):
+    run, _ = served
+    out = run_dir(run) / "serve"
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "Modelfile.baseline", "models"]
+    assert (out / "models").read_text() == ("sakura-support-tiny Modelfile\n"
+                                            "sakura-support-tiny-baseline Modelfile.baseline\n")
+    assert "FROM ../convert/model-Q8_0.gguf" in (out / "Modelfile").read_text()
+    assert Path(out / "../convert/base-Q8_0.gguf").resolve().is_file()
