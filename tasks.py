@@ -9,6 +9,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke serve                   # Ollama serving the run's model (and its baseline), detached
     ./invoke chat "商品を返品したいです"  # one answer from the served model, streamed
     ./invoke stop                    # stop the run's Ollama container
+    ./invoke verify                  # recheck every artifact against artifacts/<run>/manifest.json
     ./invoke images.ollama           # Ollama built from pinned source, for machines without a registry
     ./invoke test                    # the test suite, as CI runs it
 
@@ -21,11 +22,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
 
-from finetune import baseimage, containers
+from finetune import baseimage, cache, containers, manifest
 from finetune import data as data_stage
 from finetune import serve as serve_stage
 from finetune.config import ConfigError, RunConfig, load_config, to_yaml
@@ -44,56 +46,119 @@ def data(c: Context, config: str | None = None, set_: list[str] | None = None, t
         raise Exit(code=code)
 
 
-@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
-def train(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
+FORCE_HELP = "redo the stage even if it is up to date"
+
+
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP, "force": FORCE_HELP})
+def train(c: Context, config: str | None = None, set_: list[str] | None = None, force: bool = False) -> None:
     """Fine-tune the config's base model (LoRA/QLoRA) in the train image; writes artifacts/<run>/train/."""
     cfg = load(c, config, set_)
     image = stage_image(c, "train")
-    run_dir = Path("artifacts") / cfg.run
-    gpus = containers.has_gpu()
-    print(f"train: {cfg.run}: running {image} on {'GPU (--gpus all)' if gpus else 'CPU (no NVIDIA runtime found)'}")
-    env = {"HF_HUB_OFFLINE": "1"} if cfg.model.id.startswith("builtin:") else {}
-    if os.environ.get("HF_TOKEN"):
-        env["HF_TOKEN"] = os.environ["HF_TOKEN"]  # at run time only: never in a layer, a log or an artifact
-    code = run_stage(image, cfg, [containers.Mount(run_dir, "/artifacts", read_only=False)], name="train",
-                     env=env, gpus=gpus, named_volumes={"finetune-hf-cache": "/cache/hf"})
-    if code != 0:
-        raise Exit(f"train: the train container exited with {code}; rerun `invoke train` to resume from the "
-                   "last checkpoint", code=code)
+
+    def work(run_dir: Path) -> None:
+        gpus = containers.has_gpu()
+        print(f"train: {cfg.run}: running {image} on {'GPU (--gpus all)' if gpus else 'CPU (no NVIDIA runtime found)'}")
+        env = {"HF_HUB_OFFLINE": "1"} if cfg.model.id.startswith("builtin:") else {}
+        if os.environ.get("HF_TOKEN"):
+            env["HF_TOKEN"] = os.environ["HF_TOKEN"]  # at run time only: never in a layer, a log or an artifact
+        code = run_stage(image, cfg, [containers.Mount(run_dir, "/artifacts", read_only=False)], name="train",
+                         env=env, gpus=gpus, named_volumes={"finetune-hf-cache": "/cache/hf"})
+        if code != 0:
+            raise Exit(f"train: the train container exited with {code}; rerun `invoke train` to resume from the "
+                       "last checkpoint", code=code)
+
+    cached_stage(c, cfg, "train", image, work, force)
 
 
-@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
-def convert(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP, "force": FORCE_HELP})
+def convert(c: Context, config: str | None = None, set_: list[str] | None = None, force: bool = False) -> None:
     """Convert the merged model to GGUF and quantize it (pinned llama.cpp); writes artifacts/<run>/convert/.
 
-    Every GGUF is checked (loads, metadata, a greedy answer that stops) and listed in convert/report.json.
+    Every GGUF is checked (loads, metadata, tokens, a greedy answer that stops) and listed in report.json.
     """
     cfg = load(c, config, set_)
     image = stage_image(c, "convert")
-    run_dir = Path("artifacts") / cfg.run
-    mounts = [containers.Mount(run_dir, "/artifacts", read_only=False)]
-    if (run_dir / "train").is_dir():  # else the stage reports the missing model (docker would create the dir)
-        mounts.append(containers.Mount(run_dir / "train", "/artifacts/train"))
-    code = run_stage(image, cfg, mounts, name="convert")
-    if code != 0:
-        raise Exit(f"convert: the convert container exited with {code}", code=code)
+
+    def work(run_dir: Path) -> None:
+        if cache.read_stamp(run_dir, "train") is None and (run_dir / "train").is_dir():
+            raise Exit(f"convert: {run_dir}/train/ is not complete (no stamp): run `invoke train` first", code=2)
+        merged = sum(p.stat().st_size for p in (run_dir / "train" / "merged").glob("*.safetensors"))
+        copies = 1 + cfg.serve.baseline + 0.6 * (len(cfg.convert.quant_types) + cfg.serve.baseline)
+        cache.check_space(run_dir, int(merged * copies), "convert")
+        mounts = [containers.Mount(run_dir, "/artifacts", read_only=False)]
+        if (run_dir / "train").is_dir():  # else the stage reports the missing model (docker would create the dir)
+            mounts.append(containers.Mount(run_dir / "train", "/artifacts/train"))
+        code = run_stage(image, cfg, mounts, name="convert")
+        if code != 0:
+            raise Exit(f"convert: the convert container exited with {code}", code=code)
+
+    cached_stage(c, cfg, "convert", image, work, force)
 
 
-@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
-def serve(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP, "force": FORCE_HELP})
+def serve(c: Context, config: str | None = None, set_: list[str] | None = None, force: bool = False) -> None:
     """Serve the converted model with Ollama, detached: writes artifacts/<run>/serve/ (Modelfiles) and starts
     the serve container; prints the URL and the model names once they answer. Running it again replaces it."""
     cfg = load(c, config, set_)
     run_dir = Path("artifacts") / cfg.run
     try:
-        written = serve_stage.write_modelfiles(cfg, run_dir)
-        image = stage_image(c, "serve")
-        served = serve_stage.start(cfg, run_dir, image)
+        serve_stage.check_inputs(cfg, run_dir)  # before building anything
     except serve_stage.ServeError as e:
         raise Exit(f"serve: {e}", code=2) from e
-    print(f"serve: Modelfiles in {written}")
-    print(f"serve: Ollama at {served.url} (container {served.container}); models: {', '.join(served.models)}")
+    image = stage_image(c, "serve")
+
+    def work(run_dir: Path) -> None:
+        if cache.read_stamp(run_dir, "convert") is None and (run_dir / "convert").is_dir():
+            raise Exit(f"serve: {run_dir}/convert/ is not complete (no stamp): run `invoke convert` first", code=2)
+        try:
+            print(f"serve: Modelfiles in {serve_stage.write_modelfiles(cfg, run_dir)}")
+        except serve_stage.ServeError as e:
+            raise Exit(f"serve: {e}", code=2) from e
+
+    key = cached_stage(c, cfg, "serve", image, work, force)
+    try:
+        served = serve_stage.ensure_running(cfg, run_dir, image, key)
+    except serve_stage.ServeError as e:
+        raise Exit(f"serve: {e}", code=2) from e
+    print(f"serve: Ollama {served.version} at {served.url} (container {served.container}); "
+          f"models: {', '.join(served.models)}")
     print(f'serve: try `./invoke chat "商品を返品したいです"`; stop with `./invoke stop`')
+
+
+def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force: bool) -> str:
+    """Run `work(run_dir)` unless the stage is up to date; then stamp it and record it in the manifest.
+    Prints one line saying which and why; returns the stage's key."""
+    run_dir = Path("artifacts") / cfg.run
+    try:
+        with cache.run_lock(run_dir):
+            image_attrs = containers.client().images.get(image).attrs
+            inputs = cache.stage_inputs(stage, cfg, run_dir, image_attrs["Id"])
+            reason = "--force" if force or c.finetune.force else cache.why_rerun(run_dir, inputs)
+            if reason is None:
+                print(f"{stage}: up to date (key {inputs.key[:12]})")
+                return inputs.key
+            print(f"{stage}: rerun, because {reason}")
+            cache.clear_stamp(run_dir, stage)
+            started = time.time()
+            work(run_dir)
+            record = manifest.stage_record(stage, image_attrs, started, time.time())
+            cache.write_stamp(run_dir, inputs, record)
+            manifest.record_stage(run_dir, inputs, record, to_yaml(cfg))
+            return inputs.key
+    except cache.CacheError as e:
+        raise Exit(f"{stage}: {e}", code=2) from e
+
+
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
+def verify(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
+    """Recheck every artifact of the run against artifacts/<run>/manifest.json (size and sha256)."""
+    cfg = load(c, config, set_)
+    checked, problems = manifest.verify(Path("artifacts") / cfg.run)
+    for p in problems:
+        print(f"verify: {p}", file=sys.stderr)
+    if problems:
+        raise Exit(f"verify: {len(problems)} of {checked} files do not match the manifest", code=1)
+    print(f"verify: all {checked} files of artifacts/{cfg.run} match the manifest")
 
 
 @task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP, "question": "what to ask",
@@ -197,7 +262,7 @@ def test(c: Context, k: str | None = None, m: str | None = None) -> None:
 
 
 images = Collection("images", base, ollama)
-ns = Collection(data, train, convert, serve, chat, stop, test, images)
+ns = Collection(data, train, convert, serve, chat, stop, verify, test, images)
 ns.configure({
     "finetune": {
         "config": "configs/tiny-ja.yaml",
@@ -207,5 +272,7 @@ ns.configure({
         "local_base": False,
         # With local_base, the serve image is built FROM this Ollama (built from source by images.ollama).
         "ollama_image": "finetune-ollama:0.24.0",
+        # Redo every stage even when up to date (INVOKE_FINETUNE_FORCE=1); one stage: its --force.
+        "force": False,
     },
 })

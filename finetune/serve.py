@@ -15,9 +15,11 @@ reports healthy once every model exists. `start` returns only then, or raises wi
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ class Served:
     url: str
     models: list[str]
     container: str
+    version: str
 
 
 def container_name(config: RunConfig) -> str:
@@ -58,18 +61,30 @@ def url(config: RunConfig) -> str:
     return f"http://{host}:{config.serve.port}"
 
 
-def write_modelfiles(config: RunConfig, run_dir: Path) -> Path:
-    """Write run_dir/serve/ (see the module docstring) from the convert stage's GGUFs; return the directory."""
-    convert = run_dir / "convert"
+def planned_models(config: RunConfig) -> dict[str, tuple[str, str, list[modelfile.Turn]]]:
+    """{model name: (Modelfile name, GGUF name, few-shot turns)} for the run."""
     quant = config.serve.quant
     models = {config.serve.model_name: ("Modelfile", f"model-{quant}.gguf", [])}
     if config.serve.baseline:
         models[baseline_name(config.serve.model_name)] = ("Modelfile.baseline", f"base-{quant}.gguf",
                                                           modelfile.few_shot_turns(config))
-    missing = [gguf for _, gguf, _ in models.values() if not (convert / gguf).is_file()]
+    return models
+
+
+def check_inputs(config: RunConfig, run_dir: Path) -> None:
+    """Raise ServeError, with the fix, when a GGUF to serve is missing."""
+    convert = run_dir / "convert"
+    missing = [gguf for _, gguf, _ in planned_models(config).values() if not (convert / gguf).is_file()]
     if missing:
-        raise ServeError(f"no {' or '.join(missing)} in {convert}: run `invoke convert` first (serve.quant={quant} "
-                         "must be among the types it builds; the base GGUF is built when serve.baseline is true)")
+        raise ServeError(f"no {' or '.join(missing)} in {convert}: run `invoke convert` first (serve.quant="
+                         f"{config.serve.quant} must be among the types it builds; the base GGUF is built when "
+                         "serve.baseline is true)")
+
+
+def write_modelfiles(config: RunConfig, run_dir: Path) -> Path:
+    """Write run_dir/serve/ (see the module docstring) from the convert stage's GGUFs; return the directory."""
+    check_inputs(config, run_dir)
+    models = planned_models(config)
     work, final = run_dir / ".serve.partial", run_dir / "serve"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -86,12 +101,32 @@ def write_modelfiles(config: RunConfig, run_dir: Path) -> Path:
     return final
 
 
-def start(config: RunConfig, run_dir: Path, image: str) -> Served:
+def ensure_running(config: RunConfig, run_dir: Path, image: str, key: str) -> Served:
+    """The run's serve container, healthy and serving the Modelfiles of stage key `key`: the running one when
+    it already is (same key, same image), else a new one in its place."""
+    models = [line.split(" ", 1)[0] for line in (run_dir / "serve" / "models").read_text().splitlines() if line]
+    try:
+        running = containers.client().containers.get(container_name(config))
+    except NotFound:
+        running = None
+    if (running is not None and running.status == "running" and running.labels.get("finetune.key") == key
+            and running.image.id == containers.client().images.get(image).id
+            and (running.attrs["State"].get("Health") or {}).get("Status") == "healthy"):
+        print(f"serve: {running.name} is up to date and healthy")
+        return Served(url(config), models, running.name, ollama_version(config))
+    return start(config, run_dir, image, models, key)
+
+
+def ollama_version(config: RunConfig) -> str:
+    with urllib.request.urlopen(f"{url(config)}/api/version", timeout=10) as response:
+        return json.loads(response.read())["version"]
+
+
+def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: str) -> Served:
     """(Re)start the run's serve container and wait until its models exist; an old one is replaced."""
     stop(config)
     engine = containers.client()
     name = container_name(config)
-    models = [line.split(" ", 1)[0] for line in (run_dir / "serve" / "models").read_text().splitlines() if line]
     try:
         container = engine.containers.run(
             image, name=name, detach=True, user=f"{containers.IMAGE_UID}:{containers.IMAGE_UID}",
@@ -99,7 +134,7 @@ def start(config: RunConfig, run_dir: Path, image: str) -> Served:
             volumes={str((run_dir / "serve").resolve()): {"bind": "/artifacts/serve", "mode": "ro"},
                      str((run_dir / "convert").resolve()): {"bind": "/artifacts/convert", "mode": "ro"},
                      MODELS_VOLUME: {"bind": "/models", "mode": "rw"}},
-            labels={"finetune.run": config.run})
+            labels={"finetune.run": config.run, "finetune.key": key})
     except APIError as e:
         stop(config)
         hint = (f"; another server holds port {config.serve.port}: `invoke stop` for its run, or set serve.port"
@@ -111,7 +146,7 @@ def start(config: RunConfig, run_dir: Path, image: str) -> Served:
         state = container.attrs["State"]
         health = (state.get("Health") or {}).get("Status")
         if health == "healthy":
-            return Served(url(config), models, name)
+            return Served(url(config), models, name, ollama_version(config))
         if state["Status"] != "running" or health == "unhealthy" or time.monotonic() > deadline:
             log = container.logs(tail=30).decode(errors="replace").rstrip()
             why = (f"exited with {state['ExitCode']}" if state["Status"] != "running"

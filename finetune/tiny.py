@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from finetune.templates import CHATML_END, CHATML_JINJA, CHATML_START
+from finetune.templates import CHATML_END, CHATML_JINJA, CHATML_START, save_tokenizer
 
 GENERIC_CORPUS = Path(__file__).with_name("assets") / "generic_corpus.txt"
 VOCAB_SIZE = 2048  # the domain text has ~1,200 distinct characters; rarer ones fall back to bytes
@@ -63,9 +63,8 @@ def train_tokenizer(lines: list[str], out: Path) -> None:
         "add_prefix_space": False, "model_max_length": 1024,
     }), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(out)
-    # Also HF special tokens, so tokenizer_config.json lists them in added_tokens_decoder: llama.cpp's
-    # converter reads that to type them CONTROL. A SentencePiece user-defined symbol alone becomes a NORMAL
-    # GGUF token that llama.cpp and Ollama spell out character by character (<, |, im, _, ...).
+    # Also HF special tokens, so that save_tokenizer lists them in added_tokens_decoder, where llama.cpp's
+    # converter looks: a SentencePiece user-defined symbol alone becomes a NORMAL GGUF token.
     tokenizer.add_special_tokens({"additional_special_tokens": [CHATML_START, CHATML_END]})
     if len(tokenizer) != VOCAB_SIZE:
         raise RuntimeError(f"the ChatML markers were added as new tokens ({len(tokenizer)} != {VOCAB_SIZE})")
@@ -74,7 +73,7 @@ def train_tokenizer(lines: list[str], out: Path) -> None:
     decoded = tokenizer.decode(tokenizer(sample, add_special_tokens=False)["input_ids"])
     if decoded != sample:
         raise RuntimeError(f"tokenizer round trip failed: {sample!r} -> {decoded!r}")
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
 
 
 def build(out: Path, domain_files: list[Path], steps: int = PRETRAIN_STEPS) -> Path:

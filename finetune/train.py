@@ -28,7 +28,7 @@ from pathlib import Path
 from finetune import data as datasets_
 from finetune.config import RunConfig, to_yaml
 from finetune.stage import publish, stage_main
-from finetune.templates import CHATML_END, CHATML_JINJA, chatml_spans
+from finetune.templates import CHATML_END, CHATML_JINJA, chatml_spans, save_tokenizer
 
 
 class TrainError(RuntimeError):
@@ -201,7 +201,8 @@ def train(config: RunConfig, out: Path) -> Path:
 
 
 def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, dtype_name: str) -> None:
-    """Reload the base in 16 bits (never 4-bit), apply the adapter, merge it in and save with the tokenizer."""
+    """Reload the base in 16 bits (never 4-bit), apply the adapter, merge it in and save with the tokenizer;
+    keep that base beside it for the serve stage's baseline when it is not there yet."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -209,13 +210,16 @@ def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, d
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
     base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **pinned(config))
     if config.serve.baseline and not (out.parent / "base" / "config.json").is_file():
-        # The prompt-engineering baseline serves the untuned model; a hub model is kept here, in 16 bits.
-        base.save_pretrained(out.parent / "base")
-        tokenizer.save_pretrained(out.parent / "base")
+        save_model(base, tokenizer, source, out.parent / "base")
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(CHATML_END)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model(merged, tokenizer, source, out)
+
+
+def save_model(model, tokenizer, source: str, out: Path) -> None:
+    """Weights, tokenizer (special tokens listed for llama.cpp) and the SentencePiece model if the base has one."""
+    model.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     if (Path(source) / "tokenizer.model").is_file():  # llama.cpp's converter reads the SentencePiece model
         shutil.copy2(Path(source) / "tokenizer.model", out / "tokenizer.model")
 

@@ -47,8 +47,9 @@ def ask(model: str, messages: list[dict]) -> ollama.ChatResponse:
                                                                options={"num_predict": 200})
 
 
-def questions() -> list[data.Example]:
-    examples = data.read_split(ROOT / "data" / "customer_support_ja" / "train.jsonl").examples
+def questions(cfg: RunConfig) -> list[data.Example]:
+    """SAMPLE conversations spread over those the run trained on (the first data.limit)."""
+    examples = data.read_split(ROOT / cfg.data.train).examples[: cfg.data.limit]
     return examples[:: len(examples) // SAMPLE][:SAMPLE]
 
 
@@ -63,7 +64,7 @@ def test_served_model_answers_as_trained_and_the_baseline_does_not(served):
     cfg = config(run, *SERVE)
     assert f"Ollama at http://127.0.0.1:{PORT}" in stdout and "sakura-support-tiny-baseline" in stdout
     tuned_hits = baseline_hits = stopped = 0
-    for example in questions():
+    for example in questions(cfg):
         messages = up_to_last_question(example)
         tuned = ask(cfg.serve.model_name, messages)
         baseline = ask(serve.baseline_name(cfg.serve.model_name), messages)
