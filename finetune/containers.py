@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +153,9 @@ def run(image: str, command: Sequence[str], mounts: Sequence[Mount] = (), env: M
             raise ContainerError(f"container {name} is already running: another invoke works on this run; "
                                  f"wait for it or stop it (`docker rm -f {name}`)") from e
         raise ContainerError(f"cannot start {image}: {e.explanation or e}") from e
+    # `kill` (SIGTERM) of invoke must not leave the stage running on its own: exit through the finally.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if on_main_thread else None
     try:
         for chunk in container.logs(stream=True, follow=True):
             sys.stdout.buffer.write(chunk)
@@ -158,3 +163,9 @@ def run(image: str, command: Sequence[str], mounts: Sequence[Mount] = (), env: M
         return container.wait()["StatusCode"]
     finally:
         container.remove(force=True)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)

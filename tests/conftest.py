@@ -33,9 +33,9 @@ def project_root() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run() -> str:
-    """The offline default, trained once for the convert and serve tests (artifacts/test-pipeline)."""
+    """The offline default, trained for the convert, serve and cache tests (artifacts/test-pipeline); the
+    stage cache makes this a no-op while the stage's inputs are unchanged."""
     run = "test-pipeline"
-    if not (ROOT / "artifacts" / run / "train" / "merged" / "config.json").is_file():
-        done = invoke("train", *sets(run))
-        assert done.returncode == 0, output(done)
+    done = invoke("train", *sets(run))
+    assert done.returncode == 0, output(done)
     return run

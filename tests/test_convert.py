@@ -60,6 +60,8 @@ def fake_merged(run: str, files: dict[str, str]) -> None:
     merged.mkdir(parents=True)
     for name, text in files.items():
         (merged / name).write_text(text)
+    (run_dir(run) / "stamps").mkdir()  # as if train had completed: what convert checks comes next
+    (run_dir(run) / "stamps" / "train.json").write_text('{"key": "a train that wrote bad files"}')
     os.system(f"chmod -R a+rX {run_dir(run)}")
 
 

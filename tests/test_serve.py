@@ -93,6 +93,10 @@ def test_serving_again_and_restarting_recreate_the_same_models(served):
     first = ask(cfg.serve.model_name, question).message.content
     done = invoke("serve", *sets(run, *SERVE))
     assert done.returncode == 0, output(done)
+    assert "serve: up to date" in done.stdout and "is up to date and healthy" in done.stdout
+    done = invoke("serve", "--force", *sets(run, *SERVE))
+    assert done.returncode == 0, output(done)
+    assert "serve: rerun, because --force" in done.stdout
     assert ask(cfg.serve.model_name, question).message.content == first
     container = containers.client().containers.get(serve.container_name(cfg))
     container.restart(timeout=10)
@@ -117,8 +121,10 @@ def test_a_broken_gguf_stops_serve_with_ollamas_error_and_no_restart_loop():
     (run_dir(run) / "convert").mkdir(parents=True)
     for name in ("model-Q8_0.gguf", "base-Q8_0.gguf"):
         (run_dir(run) / "convert" / name).write_bytes(b"this is not a GGUF file")
+    (run_dir(run) / "stamps").mkdir()
+    (run_dir(run) / "stamps" / "convert.json").write_text('{"key": "a convert that wrote bad files"}')
     done = invoke("serve", *sets(run, "serve.port=11534"))
-    assert done.returncode == 2
+    assert done.returncode == 2, output(done)
     assert f"serve: finetune-serve-{run} exited with 1; its log ends:" in done.stderr
     assert "`ollama create sakura-support-tiny -f Modelfile` failed" in done.stderr
     names = [c.name for c in containers.client().containers.list(all=True)]

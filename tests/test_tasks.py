@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,3 +32,13 @@ def test_data_task_fails_on_bad_config_with_the_fix():
     done = invoke("data", "--set", "train.rank=0")
     assert done.returncode == 2
     assert "--set train.rank=0: train.rank: input should be greater than 0 (got 0). Fix: use a value > 0" in done.stderr
+
+
+def test_ci_workflow_runs_only_commands_the_readme_documents():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "pipeline.yml").read_text(encoding="utf-8"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
+    assert commands, "the workflow runs nothing"
+    for command in commands:
+        for part in command.split(" && "):
+            assert part in readme, f"{part!r} is run by CI but not documented in README.md"

@@ -1,0 +1,152 @@
+"""Build-system semantics with the real images: a second `invoke train convert serve` with nothing changed
+runs no stage; changing a quant type reruns convert and serve only; `invoke verify` catches a flipped
+byte; two builds from an empty run directory give byte-identical weights, GGUFs and Modelfiles; an
+interrupted convert leaves no stamp, and nothing a later stage takes as complete; a second invoke on a
+locked run fails clearly. Unit tests cover the reasons the cache gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from support import ROOT, invoke, output, run_dir, sets
+
+from finetune import cache, containers
+from finetune.config import load_config
+
+PIPELINE = ("train", "convert", "serve")
+
+
+def tiny(*overrides: str):
+    return load_config(ROOT / "configs" / "tiny-ja.yaml", list(overrides), root=ROOT)
+
+
+def test_reasons_name_the_changed_config_key_the_upstream_stage_and_the_image(tmp_path):
+    before = cache.stage_inputs("convert", tiny(), tmp_path, "sha256:aaa", ROOT)
+    cache.write_stamp(tmp_path, before, {})
+    assert cache.why_rerun(tmp_path, before) is None
+    changed = cache.stage_inputs("convert", tiny("convert.quant_types=[Q8_0, Q4_K_M]"), tmp_path, "sha256:bbb", ROOT)
+    assert cache.why_rerun(tmp_path, changed) == "convert.quant_types changed, its image changed (bbb)"
+    cache.write_stamp(tmp_path, cache.stage_inputs("train", tiny(), tmp_path, "sha256:t", ROOT), {})
+    after_train = cache.stage_inputs("convert", tiny(), tmp_path, "sha256:aaa", ROOT)
+    assert cache.why_rerun(tmp_path, after_train) == "train was redone"
+    cache.clear_stamp(tmp_path, "convert")
+    assert cache.why_rerun(tmp_path, before) == "it has not completed (no stamp)"
+
+
+def test_train_ignores_serve_settings_and_serve_ignores_train_data(tmp_path):
+    key = lambda stage, *o: cache.stage_inputs(stage, tiny(*o), tmp_path, "sha256:x", ROOT).key  # noqa: E731
+    assert key("train") == key("train", "serve.temperature=0.5", "convert.quant_types=[Q4_K_M]",
+                               "serve.quant=Q4_K_M")
+    assert key("train") != key("train", "train.learning_rate=0.002")
+    assert key("serve") == key("serve", "train.learning_rate=0.002")
+    assert key("serve") != key("serve", "serve.temperature=0.5")
+
+
+@pytest.mark.docker
+def test_a_second_invoke_on_a_locked_run_fails_clearly():
+    run = "test-cache-locked"
+    with cache.run_lock(run_dir(run)):
+        done = invoke("convert", *sets(run))
+    assert done.returncode == 2, output(done)
+    assert f"convert: artifacts/{run} is in use by invoke (pid {os.getpid()}); wait for it to finish" in done.stderr
+    shutil.rmtree(run_dir(run))
+
+
+def chain(run: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`invoke train --set ... convert --set ... serve --set ...`: the main job, on one run."""
+    args = [x for stage in PIPELINE for x in (stage, *sets(run, *overrides))]
+    return invoke(*args)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_nothing_changed_runs_nothing_and_a_quant_type_reruns_convert_and_serve(trained_run):
+    port = ("serve.port=11535",)
+    done = chain(trained_run, *port)
+    assert done.returncode == 0, output(done)
+    started = time.monotonic()
+    again = chain(trained_run, *port)
+    seconds = time.monotonic() - started
+    assert again.returncode == 0, output(again)
+    for stage in PIPELINE:
+        assert f"{stage}: up to date (key " in again.stdout, again.stdout
+    print(f"nothing changed: {seconds:.1f} s")
+    assert "rerun" not in again.stdout
+    more = chain(trained_run, *port, "convert.quant_types=[Q8_0, Q4_K_M]")
+    assert more.returncode == 0, output(more)
+    assert "train: up to date" in more.stdout
+    assert "convert: rerun, because convert.quant_types changed" in more.stdout
+    assert "serve: rerun, because convert was redone" in more.stdout
+    invoke("stop", *sets(trained_run, *port))
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_verify_names_a_file_with_a_flipped_byte(trained_run):
+    done = chain(trained_run, "serve.port=11535")
+    assert done.returncode == 0, output(done)
+    invoke("stop", *sets(trained_run, "serve.port=11535"))
+    assert invoke("verify", *sets(trained_run)).returncode == 0
+    gguf = run_dir(trained_run) / "convert" / "model-Q8_0.gguf"
+    original = gguf.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01
+    gguf.write_bytes(bytes(flipped))
+    try:
+        done = invoke("verify", *sets(trained_run))
+    finally:
+        gguf.write_bytes(original)
+    assert done.returncode == 1
+    assert f"verify: artifacts/{trained_run}/convert/model-Q8_0.gguf: sha256 " in done.stderr
+    assert "1 of " in done.stderr and "files do not match the manifest" in done.stderr
+
+
+REPRODUCED = ("train/merged/", "convert/", "serve/Modelfile")
+
+
+def build_from_scratch(run: str, *overrides: str) -> dict[str, str]:
+    shutil.rmtree(run_dir(run), ignore_errors=True)
+    done = chain(run, *overrides)
+    assert done.returncode == 0, output(done)
+    files = json.loads((run_dir(run) / "manifest.json").read_text())["artifacts"]
+    return {f["path"]: f["sha256"] for f in files if f["path"].startswith(REPRODUCED) and f["path"].endswith(
+        (".safetensors", ".gguf", "Modelfile", "Modelfile.baseline"))}
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_two_builds_from_scratch_are_byte_identical_and_a_killed_convert_leaves_no_stamp():
+    run, overrides = "test-repro", ("train.max_steps=300", "serve.port=11536")
+    first = build_from_scratch(run, *overrides)
+    second = build_from_scratch(run, *overrides)
+    invoke("stop", *sets(run, *overrides))
+    assert sorted(first) == ["convert/base-Q8_0.gguf", "convert/model-Q8_0.gguf", "convert/model-f16.gguf",
+                             "serve/Modelfile", "serve/Modelfile.baseline", "train/merged/model.safetensors"]
+    assert first == second
+
+    # Kill a forced convert once it is working: its stamp is gone and nothing looks complete. (SIGTERM:
+    # a background process started by a non-interactive shell ignores SIGINT.)
+    worker = subprocess.Popen([str(ROOT / "invoke"), "convert", "--force", *sets(run, *overrides)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir(run) / ".convert.partial").exists():
+        assert worker.poll() is None and time.monotonic() < deadline, "convert did not start"
+        time.sleep(0.2)
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=60) == 128 + signal.SIGTERM
+    assert cache.read_stamp(run_dir(run), "convert") is None
+    names = [c.name for c in containers.client().containers.list(all=True)]
+    assert f"finetune-convert-{run}" not in names, "the stage container must not outlive invoke"
+    refused = invoke("serve", *sets(run, *overrides))
+    assert refused.returncode == 2
+    assert f"serve: artifacts/{run}/convert/ is not complete (no stamp): run `invoke convert` first" in refused.stderr
+    redone = invoke("convert", *sets(run, *overrides))
+    assert redone.returncode == 0, output(redone)
+    assert "convert: rerun, because it has not completed (no stamp)" in redone.stdout
+    shutil.rmtree(run_dir(run))
