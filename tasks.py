@@ -122,7 +122,7 @@ def serve(c: Context, config: str | None = None, set_: list[str] | None = None, 
         raise Exit(f"serve: {e}", code=2) from e
     print(f"serve: Ollama {served.version} at {served.url} (container {served.container}); "
           f"models: {', '.join(served.models)}")
-    print(f'serve: try `./invoke chat "商品を返品したいです"`; stop with `./invoke stop`')
+    print('serve: try `./invoke chat "商品を返品したいです"`; stop with `./invoke stop`')
 
 
 def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force: bool) -> str:

@@ -7,7 +7,7 @@ them. The stage's key is the sha256 of all that. When a stage succeeds, `invoke`
 artifacts/<run>/stamps/<stage>.json, last; the stamp is removed before a stage runs. So a stage is up to
 date exactly when its stamp holds the current key, and an interrupted stage has no stamp and runs again.
 
-A lock per run directory keeps two `invoke`s from working on one run at once.
+A lock per run (artifacts/.locks/<run>) keeps two `invoke`s from working on one run at once.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import RunConfig
+from finetune.stage import file_sha256
 
 STAGES = ("train", "convert", "serve")
 # The config keys each stage reads (a key covers everything below it).
@@ -56,14 +57,6 @@ class Inputs:
     @property
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -139,9 +132,11 @@ def write_stamp(run_dir: Path, inputs: Inputs, record: dict) -> None:
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold artifacts/<run>/.lock while a stage works on the run; a second holder fails at once, clearly."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / ".lock").open("a+") as lock:
+    """Hold artifacts/.locks/<run> while a stage works on the run; a second holder fails at once, clearly.
+    (Beside the run directory, not in it: a stage that fails early leaves its run directory untouched.)"""
+    path = run_dir.parent / ".locks" / run_dir.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

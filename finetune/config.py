@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import re
 import sys
 import typing
 from dataclasses import dataclass

@@ -20,11 +20,9 @@ on failure nothing is left behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 
 from finetune import data as datasets_
 from finetune.config import RunConfig, to_yaml
-from finetune.stage import publish, stage_main
+from finetune.stage import file_sha256, publishing, stage_main
 from finetune.templates import CHATML_END, render_chatml
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/opt/llama.cpp"))
@@ -119,14 +117,6 @@ def perplexity(model: Path, text_file: Path) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_gguf(path: Path, hf_dir: Path, expected_arch: str, chat_template: str | None,
                prompt_messages: list[dict]) -> dict:
     """Load a GGUF, check its metadata and that it tokenizes a prompt exactly as the Hugging Face tokenizer in
@@ -177,7 +167,7 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, chat_template: str 
     size = path.stat().st_size
     return {
         "file": path.name, "size_bytes": size, "bits_per_weight": round(size * 8 / n_params, 3),
-        "parameters": n_params, "sha256": sha256(path), "load_seconds": round(load_seconds, 3),
+        "parameters": n_params, "sha256": file_sha256(path), "load_seconds": round(load_seconds, 3),
         "architecture": arch, "end_of_turn": CHATML_END,
         "greedy_answer": choice["text"], "generated_tokens": result["usage"]["completion_tokens"],
         "finish_reason": choice["finish_reason"],
@@ -202,10 +192,7 @@ def convert(config: RunConfig, out: Path) -> Path:
     """Convert, quantize and check per `config` into out/convert/ (see the module docstring)."""
     merged, work, final = out / "train" / "merged", out / ".convert.partial", out / "convert"
     hf_config = check_merged(merged)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    try:
+    with publishing(work, final):
         (work / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
         c = config.convert
         description = (f"fine-tuned by finetune run {config.run} from {config.model.id}"
@@ -257,10 +244,6 @@ def convert(config: RunConfig, out: Path) -> Path:
         }
         (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print_table(rows)
-        publish(work, final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return final
 
 

@@ -20,7 +20,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from finetune.cache import Inputs, file_sha256
+from finetune.cache import Inputs
+from finetune.stage import file_sha256
 
 MANIFEST = "manifest.json"
 # What is an artifact of each stage; checkpoints and partial work are not.

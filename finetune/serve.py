@@ -16,7 +16,6 @@ reports healthy once every model exists. `start` returns only then, or raises wi
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 import urllib.request
@@ -27,7 +26,7 @@ from docker.errors import APIError, NotFound
 
 from finetune import containers, modelfile
 from finetune.config import RunConfig
-from finetune.stage import publish
+from finetune.stage import publishing
 
 CONTAINER_PORT = "11434/tcp"
 MODELS_VOLUME = "finetune-ollama-models"
@@ -85,19 +84,13 @@ def write_modelfiles(config: RunConfig, run_dir: Path) -> Path:
     """Write run_dir/serve/ (see the module docstring) from the convert stage's GGUFs; return the directory."""
     check_inputs(config, run_dir)
     models = planned_models(config)
-    work, final = run_dir / ".serve.partial", run_dir / "serve"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    final = run_dir / "serve"
+    with publishing(run_dir / ".serve.partial", final) as work:
         for name, (file, gguf, turns) in models.items():
             (work / file).write_text(modelfile.render(f"../convert/{gguf}", config, turns), encoding="utf-8")
         (work / "models").write_text("".join(f"{name} {file}\n" for name, (file, _, _) in models.items()))
         for path in work.iterdir():
             path.chmod(0o644)  # readable by the container's user
-        publish(work, final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return final
 
 

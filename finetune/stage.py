@@ -2,15 +2,17 @@
 
 A stage is a function `(config, out) -> final directory`; its expected failures are exceptions whose
 message says what to do. They, and config errors, print as `<stage>: <message>` and exit 2. A stage works
-in a hidden directory and `publish`es it as its output only when complete.
+in a hidden directory (`publishing`) that becomes its output only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.config import ConfigError, RunConfig, load_config
@@ -41,3 +43,24 @@ def publish(work: Path, final: Path) -> None:
     work.rename(final)
     if old.exists():
         shutil.rmtree(old)
+
+
+@contextmanager
+def publishing(work: Path, final: Path) -> Iterator[Path]:
+    """An empty work directory; published as `final` when the block completes, removed if anything fails."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        yield work
+        publish(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -62,7 +62,7 @@ def up_to_last_question(example: data.Example) -> list[dict]:
 def test_served_model_answers_as_trained_and_the_baseline_does_not(served):
     run, stdout = served
     cfg = config(run, *SERVE)
-    assert f"Ollama at http://127.0.0.1:{PORT}" in stdout and "sakura-support-tiny-baseline" in stdout
+    assert f"at http://127.0.0.1:{PORT}" in stdout and "sakura-support-tiny-baseline" in stdout
     tuned_hits = baseline_hits = stopped = 0
     for example in questions(cfg):
         messages = up_to_last_question(example)

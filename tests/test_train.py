@@ -6,10 +6,8 @@ config fails early without CUDA."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from support import ROOT, in_train_image, invoke, sets
