@@ -80,8 +80,6 @@ def convert(c: Context, config: str | None = None, set_: list[str] | None = None
     image = stage_image(c, "convert")
 
     def work(run_dir: Path) -> None:
-        if cache.read_stamp(run_dir, "train") is None and (run_dir / "train").is_dir():
-            raise Exit(f"convert: {run_dir}/train/ is not complete (no stamp): run `invoke train` first", code=2)
         merged = sum(p.stat().st_size for p in (run_dir / "train" / "merged").glob("*.safetensors"))
         copies = 1 + cfg.serve.baseline + 0.6 * (len(cfg.convert.quant_types) + cfg.serve.baseline)
         cache.check_space(run_dir, int(merged * copies), "convert")
@@ -108,8 +106,6 @@ def serve(c: Context, config: str | None = None, set_: list[str] | None = None, 
     image = stage_image(c, "serve")
 
     def work(run_dir: Path) -> None:
-        if cache.read_stamp(run_dir, "convert") is None and (run_dir / "convert").is_dir():
-            raise Exit(f"serve: {run_dir}/convert/ is not complete (no stamp): run `invoke convert` first", code=2)
         try:
             print(f"serve: Modelfiles in {serve_stage.write_modelfiles(cfg, run_dir)}")
         except serve_stage.ServeError as e:
@@ -127,7 +123,8 @@ def serve(c: Context, config: str | None = None, set_: list[str] | None = None, 
 
 def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force: bool) -> str:
     """Run `work(run_dir)` unless the stage is up to date; then stamp it and record it in the manifest.
-    Prints one line saying which and why; returns the stage's key."""
+    Prints one line saying which and why; returns the stage's key. Outputs of the stage before it that
+    have no stamp (an interrupted or killed run) are refused."""
     run_dir = Path("artifacts") / cfg.run
     try:
         with cache.run_lock(run_dir):
@@ -138,6 +135,10 @@ def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force
                 print(f"{stage}: up to date (key {inputs.key[:12]})")
                 return inputs.key
             print(f"{stage}: rerun, because {reason}")
+            before = cache.UPSTREAM[stage]
+            if before is not None and cache.read_stamp(run_dir, before) is None and (run_dir / before).is_dir():
+                raise Exit(f"{stage}: {run_dir}/{before}/ is not complete (no stamp): run `invoke {before}` first",
+                           code=2)
             cache.clear_stamp(run_dir, stage)
             started = time.time()
             work(run_dir)
