@@ -9,6 +9,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke serve                   # Ollama serving the run's model (and its baseline), detached
     ./invoke chat "商品を返品したいです"  # one answer from the served model, streamed
     ./invoke stop                    # stop the run's Ollama container
+    ./invoke eval                    # baseline vs fine-tuned (every quant) on the eval split: report.html
     ./invoke verify                  # recheck every artifact against artifacts/<run>/manifest.json
     ./invoke images.ollama           # Ollama built from pinned source, for machines without a registry
     ./invoke test                    # the test suite, as CI runs it
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
 
-from finetune import baseimage, cache, containers, manifest
+from finetune import baseimage, cache, containers, evaluate, manifest
 from finetune import data as data_stage
 from finetune import serve as serve_stage
 from finetune.config import ConfigError, RunConfig, load_config, to_yaml
@@ -151,6 +152,22 @@ def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force
 
 
 @task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
+def eval(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:  # noqa: A001
+    """Ask the served baseline and fine-tuned models (every quant) the eval questions and measure them;
+    writes artifacts/<run>/eval/ (results.json, report.md, report.html). Exits 1 if an eval.gate fails."""
+    cfg = load(c, config, set_)
+    run_dir = Path("artifacts") / cfg.run
+    try:
+        results = evaluate.evaluate(cfg, run_dir)
+    except evaluate.EvalError as e:
+        raise Exit(f"eval: {e}", code=2) from e
+    print((run_dir / "eval" / "report.md").read_text(encoding="utf-8").split("\n| question |")[0])
+    print(f"eval: report at {run_dir / 'eval' / 'report.html'}")
+    if failures := results["gate"]["failures"]:
+        raise Exit("eval: gate failed: " + "; ".join(failures), code=1)
+
+
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
 def verify(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
     """Recheck every artifact of the run against artifacts/<run>/manifest.json (size and sha256)."""
     cfg = load(c, config, set_)
@@ -263,7 +280,7 @@ def test(c: Context, k: str | None = None, m: str | None = None) -> None:
 
 
 images = Collection("images", base, ollama)
-ns = Collection(data, train, convert, serve, chat, stop, verify, test, images)
+ns = Collection(data, train, convert, serve, chat, stop, eval, verify, test, images)
 ns.configure({
     "finetune": {
         "config": "configs/tiny-ja.yaml",

@@ -134,6 +134,21 @@ class ServeSection(_Section):
     port: int = Field(11434, gt=0, le=65535, description="host port of the Ollama API")
 
 
+class GateSection(_Section):
+    chrf_gain: float | None = Field(None, description="fine-tuned chrF minus the baseline's must reach this")
+    key_fact_rate: float | None = Field(None, ge=0, le=1, description="share of key facts the fine-tuned model "
+                                                                      "must state")
+    stop_rate: float | None = Field(None, ge=0, le=1, description="share of answers that must end by themselves")
+
+
+class EvalSection(_Section):
+    split: Literal["eval", "train"] = Field("eval", description="questions to ask: the held-out split, or the "
+                                                                "training examples the run trained on")
+    max_new_tokens: int = Field(256, gt=0, description="longest answer generated")
+    side_by_side: int = Field(6, ge=0, description="questions shown side by side in the report")
+    gate: GateSection = Field(default_factory=GateSection, description="thresholds that fail `invoke eval`")
+
+
 class RunConfig(_Section):
     run: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -144,6 +159,7 @@ class RunConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     convert: ConvertSection = Field(default_factory=ConvertSection)
     serve: ServeSection
+    eval: EvalSection = Field(default_factory=EvalSection)
 
 
 @dataclass(frozen=True)

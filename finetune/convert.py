@@ -10,7 +10,8 @@ Reads OUT/train/merged/ (read-only); writes OUT/convert/:
                              baseline that `invoke serve` puts beside the fine-tuned model
     imatrix.gguf             when convert.imatrix: importance matrix from the training conversations
     report.json              per file: type, size, bits/weight, sha256, load time, metadata checks, a greedy
-                             generation and how it ended, perplexity on the eval text; plus provenance
+                             generation and how it ended, perplexity on the eval answers and, for each quant,
+                             KL divergence from the full-precision GGUF and same-top-token rate; provenance
     config.yaml              the resolved config
 Each check must pass: the file loads in llama-cpp-python (built from the same llama.cpp source), has the
 expected architecture, the training chat template and <|im_end|> as end of turn, and a greedy answer
@@ -104,17 +105,35 @@ def quantize(source: Path, out: Path, quant: str, imatrix: Path | None) -> None:
     partial.rename(out)
 
 
+def answers_text(path: str | Path) -> str:
+    """The assistant answers of a JSONL split, one per line: what perplexity is measured on. (llama-perplexity
+    does not parse special tokens, so chat markers in its text would be spelled out as pieces the model
+    never saw, and the prompt text is not what the model was trained to predict.)"""
+    return "".join(m["content"] + "\n" for e in datasets_.read_split(path).examples
+                   for m in e.messages if m["role"] == "assistant")
+
+
 def conversations_text(path: str | Path) -> str:
-    """The conversations of a JSONL split rendered with the chat template: text for imatrix and perplexity."""
+    """The conversations of a JSONL split rendered with the chat template: the text for the imatrix."""
     return "".join(render_chatml(e.messages) for e in datasets_.read_split(path).examples)
 
 
-def perplexity(model: Path, text_file: Path) -> float | None:
-    """llama-perplexity over text_file in 128-token chunks (the tiny model's context is short)."""
-    output = run_tool(["llama-perplexity", "-m", str(model), "-f", str(text_file), "-c", "128", "-b", "128",
-                       "-t", str(os.cpu_count() or 1)], f"perplexity of {model.name}")
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", output)
-    return float(found.group(1)) if found else None
+def perplexity(model: Path, text_file: Path, logits: Path | None = None, compare: bool = False) -> dict:
+    """llama-perplexity over text_file in 128-token chunks (the tiny model's context is short).
+
+    With `logits`, compare=False also saves the model's logits there (the full-precision GGUF), and
+    compare=True scores a quant against them: KL divergence from the full-precision model and how often
+    both pick the same top token.
+    """
+    command = ["llama-perplexity", "-m", str(model), "-f", str(text_file), "-c", "128", "-b", "128",
+               "-t", str(os.cpu_count() or 1)]
+    command += ["--kl-divergence-base", str(logits)] if logits else []
+    output = run_tool(command + (["--kl-divergence"] if compare else []), f"perplexity of {model.name}")
+    number = lambda pattern: float(m.group(1)) if (m := re.search(pattern, output)) else None  # noqa: E731
+    if not compare:
+        return {"perplexity": number(r"Final estimate: PPL = ([0-9.]+)")}
+    return {"perplexity": number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)"), "kl_divergence": number(r"Mean\s+KLD:\s*([0-9.]+)"),
+            "same_top_token": number(r"Same top p:\s*([0-9.]+)")}
 
 
 def check_gguf(path: Path, hf_dir: Path, expected_arch: str, chat_template: str | None,
@@ -225,16 +244,20 @@ def convert(config: RunConfig, out: Path) -> Path:
         reference = None
         if config.data.eval:
             reference = work / "perplexity-input.txt"
-            reference.write_text(conversations_text(config.data.eval), encoding="utf-8")
+            reference.write_text(answers_text(config.data.eval), encoding="utf-8")
         rows = []
         for kind, path in files:
             baseline = kind.startswith("base")
             row = {"type": kind, **check_gguf(path, out / "train" / ("base" if baseline else "merged"),
                                               hf_config["model_type"], None if baseline else template, prompt)}
-            row["perplexity"] = perplexity(path, reference) if reference else None
+            if reference is not None and baseline:
+                row |= perplexity(path, reference)
+            elif reference is not None:  # files[0] is the full-precision GGUF: its logits are the yardstick
+                row |= perplexity(path, reference, work / "logits.bin", compare=path != files[0][1])
             rows.append(row)
         if reference:
             reference.unlink()
+            (work / "logits.bin").unlink(missing_ok=True)
         report = {
             "run": config.run,
             "llama_cpp": {"commit": LLAMA_CPP_COMMIT, "source": "llama-cpp-python==0.3.36 sdist "

@@ -5,6 +5,7 @@ Runs on the host (`invoke serve`); Ollama itself runs in the serve image. Writes
                         template, its stop tokens, SYSTEM and the sampling parameters
     Modelfile.baseline  when serve.baseline: the base model with the same SYSTEM plus the few-shot turns
                         (MESSAGE): the prompt engineering to try before fine-tuning
+    Modelfile.<QUANT>   the fine-tuned model at each other built type; `invoke eval` creates them on demand
     models              `<model name> <Modelfile>` per line: what the container creates at start
 The Modelfiles work outside the container too: `cd artifacts/<run>/serve && ollama create NAME -f Modelfile`.
 
@@ -51,8 +52,23 @@ def container_name(config: RunConfig) -> str:
 
 def baseline_name(model_name: str) -> str:
     """`name-baseline`, keeping an explicit :tag at the end."""
+    return suffixed(model_name, "baseline")
+
+
+def quant_name(model_name: str, quant: str) -> str:
+    """`name-q4_k_m`: the fine-tuned model at another quant type (for `invoke eval`)."""
+    return suffixed(model_name, quant.lower())
+
+
+def suffixed(model_name: str, suffix: str) -> str:
     name, sep, tag = model_name.partition(":")
-    return f"{name}-baseline{sep}{tag}"
+    return f"{name}-{suffix}{sep}{tag}"
+
+
+def other_quants(config: RunConfig) -> dict[str, str]:
+    """{quant type: Modelfile name} for every built type besides the served one; written, not created."""
+    built = [config.convert.outtype, *config.convert.quant_types]
+    return {q: f"Modelfile.{q}" for q in dict.fromkeys(built) if q != config.serve.quant}
 
 
 def url(config: RunConfig) -> str:
@@ -88,6 +104,8 @@ def write_modelfiles(config: RunConfig, run_dir: Path) -> Path:
     with publishing(run_dir / ".serve.partial", final) as work:
         for name, (file, gguf, turns) in models.items():
             (work / file).write_text(modelfile.render(f"../convert/{gguf}", config, turns), encoding="utf-8")
+        for quant, file in other_quants(config).items():
+            (work / file).write_text(modelfile.render(f"../convert/model-{quant}.gguf", config), encoding="utf-8")
         (work / "models").write_text("".join(f"{name} {file}\n" for name, (file, _, _) in models.items()))
         for path in work.iterdir():
             path.chmod(0o644)  # readable by the container's user

@@ -32,6 +32,10 @@ def test_convert_tiny_model_to_f16_and_kquants(trained_run):
         if not kind.startswith("base"):  # the base model was never taught to end its turn
             assert row["finish_reason"] == "stop" and row["file"] == f"model-{kind}.gguf"
     assert rows["base Q4_K_M"]["file"] == "base-Q4_K_M.gguf"
+    # Each quant against the f16 logits (measured: KL 0.023 for Q8_0, 0.42 for Q4_K_M; same top token 96%, 78%).
+    assert "kl_divergence" not in rows["f16"]
+    assert 0 < rows["Q8_0"]["kl_divergence"] < rows["Q4_K_M"]["kl_divergence"]
+    assert 100 >= rows["Q8_0"]["same_top_token"] > rows["Q4_K_M"]["same_top_token"] > 50
     assert rows["Q4_K_M"]["size_bytes"] < rows["Q8_0"]["size_bytes"] < rows["f16"]["size_bytes"]
     assert 4 < rows["Q4_K_M"]["bits_per_weight"] < rows["Q8_0"]["bits_per_weight"] < rows["f16"]["bits_per_weight"]
     # Quantization moves the toy model a little, not a lot (measured: Q8_0 0.4%, Q4_K_M 3.6% from f16).

@@ -227,7 +227,8 @@ def test_serve_image_runs_as_non_root_and_publishes_on_localhost(served):
 def test_modelfiles_are_written_with_the_models_list(served):
     run, _ = served
     out = run_dir(run) / "serve"
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "Modelfile.baseline", "models"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "Modelfile.baseline", "Modelfile.f16", "models"]
+    assert "FROM ../convert/model-f16.gguf" in (out / "Modelfile.f16").read_text()
     assert (out / "models").read_text() == ("sakura-support-tiny Modelfile\n"
                                             "sakura-support-tiny-baseline Modelfile.baseline\n")
     assert "FROM ../convert/model-Q8_0.gguf" in (out / "Modelfile").read_text()
