@@ -27,7 +27,6 @@ from typing import Any
 from finetune.config import RunConfig
 from finetune.stage import file_sha256
 
-STAGES = ("train", "convert", "serve")
 # The config keys each stage reads (a key covers everything below it).
 STAGE_CONFIG = {
     "train": ("model", "data", "train", "serve.baseline"),  # serve.baseline: keep the base for the baseline

@@ -24,13 +24,12 @@ from finetune.cache import Inputs
 from finetune.stage import file_sha256
 
 MANIFEST = "manifest.json"
-# What is an artifact of each stage; checkpoints and partial work are not.
-STAGE_DIRS = {"train": "train", "convert": "convert", "serve": "serve"}
 
 
 def artifacts(run_dir: Path, stage: str) -> list[dict]:
-    """Path, size and sha256 of every file a stage published, sorted by path."""
-    out = run_dir / STAGE_DIRS[stage]
+    """Path, size and sha256 of every file a stage published in run_dir/<stage>/ (checkpoints and partial
+    work live elsewhere), sorted by path."""
+    out = run_dir / stage
     files = sorted(p for p in out.rglob("*") if p.is_file())
     return [{"path": str(p.relative_to(run_dir)), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
 
@@ -117,7 +116,7 @@ def record_stage(run_dir: Path, inputs: Inputs, record: dict, config_yaml: str) 
     manifest["config"] = config_yaml
     stages = manifest.setdefault("stages", {})
     stages[inputs.stage] = {"key": inputs.key, "inputs": asdict(inputs), **record}
-    files = [f for f in manifest.get("artifacts", []) if not f["path"].startswith(STAGE_DIRS[inputs.stage] + "/")]
+    files = [f for f in manifest.get("artifacts", []) if not f["path"].startswith(inputs.stage + "/")]
     manifest["artifacts"] = sorted(files + artifacts(run_dir, inputs.stage), key=lambda f: f["path"])
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

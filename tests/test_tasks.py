@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ROOT / "invoke"), *args], cwd=ROOT, capture_output=True, text=True)
+from support import ROOT, invoke
 
 
 def test_list_shows_documented_tasks():
