@@ -10,6 +10,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke chat "商品を返品したいです"  # one answer from the served model, streamed
     ./invoke stop                    # stop the run's Ollama container
     ./invoke eval                    # baseline vs fine-tuned (every quant) on the eval split: report.html
+    ./invoke bench                   # every stage timed beside the plain tools: bench.md, bench.json
     ./invoke verify                  # recheck every artifact against artifacts/<run>/manifest.json
     ./invoke images.ollama           # Ollama built from pinned source, for machines without a registry
     ./invoke test                    # the test suite, as CI runs it
@@ -29,6 +30,7 @@ from pathlib import Path
 from invoke import Collection, Context, Exit, task
 
 from finetune import baseimage, cache, containers, evaluate, manifest
+from finetune import bench as bench_
 from finetune import data as data_stage
 from finetune import serve as serve_stage
 from finetune.config import ConfigError, RunConfig, load_config, to_yaml
@@ -167,6 +169,22 @@ def eval(c: Context, config: str | None = None, set_: list[str] | None = None) -
         raise Exit("eval: gate failed: " + "; ".join(failures), code=1)
 
 
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP,
+                               "out": "where bench.json, bench.md and the logs go "
+                                      "(default: artifacts/<run>-bench-results)"})
+def bench(c: Context, config: str | None = None, set_: list[str] | None = None, out: str | None = None) -> None:
+    """Measure every stage beside the plain tool it replaces (TRL script, llama.cpp by hand, llama-bench,
+    plain Ollama), the pipeline cold and warm, and the image sizes; on a separate run, <run>-bench."""
+    cfg = load(c, config, set_)
+    images = [stage_image(c, stage) for stage in ("train", "convert", "serve")]  # built before timing anything
+    images += [c.finetune.ollama_image, c.finetune.base_image] if c.finetune.local_base else []
+    try:
+        results = bench_.run(cfg, config or c.finetune.config, set_ or [], Path(out) if out else None, images)
+    except (bench_.BenchError, serve_stage.ServeError) as e:
+        raise Exit(f"bench: {e}", code=1) from e
+    print(bench_.markdown(results))
+
+
 @task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
 def verify(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
     """Recheck every artifact of the run against artifacts/<run>/manifest.json (size and sha256)."""
@@ -280,7 +298,7 @@ def test(c: Context, k: str | None = None, m: str | None = None) -> None:
 
 
 images = Collection("images", base, ollama)
-ns = Collection(data, train, convert, serve, chat, stop, eval, verify, test, images)
+ns = Collection(data, train, convert, serve, chat, stop, eval, bench, verify, test, images)
 ns.configure({
     "finetune": {
         "config": "configs/tiny-ja.yaml",

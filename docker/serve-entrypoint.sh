@@ -34,11 +34,11 @@ until ollama list >/dev/null 2>&1; do
         exit 1
     fi
     waited=$((waited + 1))
-    if [ "$waited" -gt $((READY_WAIT_S * 2)) ]; then
+    if [ "$waited" -gt $((READY_WAIT_S * 10)) ]; then
         echo "serve: ollama serve did not answer within ${READY_WAIT_S} s" >&2
         exit 1
     fi
-    sleep 0.5
+    sleep 0.1
 done
 
 cd "$(dirname "$MODELS_FILE")"

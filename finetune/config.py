@@ -96,6 +96,9 @@ class TrainSection(_Section):
         "auto", description="auto = bf16 on GPUs that support it, fp32 on CPU"
     )
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
+    deterministic: bool = Field(True, description="on CPU, deterministic algorithms only (transformers' "
+                                                  "full_determinism): the same inputs give byte-identical weights; "
+                                                  "costs ~10% of tokens/s, ~25% with packing (`invoke bench`)")
     logging_steps: int = Field(10, gt=0, description="steps between metrics lines")
     save_steps: int = Field(100, gt=0, description="steps between resumable checkpoints")
     eval_steps: int | None = Field(None, gt=0, description="steps between eval-loss runs (default: at the end)")
@@ -126,6 +129,8 @@ class ServeSection(_Section):
     top_k: int | None = Field(None, gt=0, description="sample from the k most likely tokens")
     repeat_penalty: float | None = Field(None, gt=0, description="penalty for repeated tokens (1 = none)")
     num_ctx: int = Field(2048, ge=64, le=1048576, description="context window Ollama allocates")
+    num_thread: int | None = Field(None, gt=0, description="CPU threads per generation (default: Ollama's, one "
+                                                           "per physical core); `invoke bench` shows the effect")
     stop: list[str] = Field(default_factory=list, description="extra stop strings; the template's own are added")
     few_shot: list[FewShot] = Field(default_factory=list, description="example turns (MESSAGE) for the baseline")
     baseline: bool = Field(True, description="also serve <model_name>-baseline: the base model with only "
@@ -149,6 +154,13 @@ class EvalSection(_Section):
     gate: GateSection = Field(default_factory=GateSection, description="thresholds that fail `invoke eval`")
 
 
+class BenchSection(_Section):
+    repeats: int = Field(3, ge=1, description="repetitions of every measurement; the table gives median, min, max")
+    train_steps: int = Field(200, gt=0, description="train.max_steps of every training that `invoke bench` runs")
+    port: int = Field(11444, gt=0, le=65535, description="host port of the bench runs' Ollama (not serve.port, "
+                                                         "so a served model keeps running)")
+
+
 class RunConfig(_Section):
     run: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -160,6 +172,7 @@ class RunConfig(_Section):
     convert: ConvertSection = Field(default_factory=ConvertSection)
     serve: ServeSection
     eval: EvalSection = Field(default_factory=EvalSection)
+    bench: BenchSection = Field(default_factory=BenchSection)
 
 
 @dataclass(frozen=True)

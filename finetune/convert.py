@@ -11,7 +11,8 @@ Reads OUT/train/merged/ (read-only); writes OUT/convert/:
     imatrix.gguf             when convert.imatrix: importance matrix from the training conversations
     report.json              per file: type, size, bits/weight, sha256, load time, metadata checks, a greedy
                              generation and how it ended, perplexity on the eval answers and, for each quant,
-                             KL divergence from the full-precision GGUF and same-top-token rate; provenance
+                             KL divergence from the full-precision GGUF and same-top-token rate; provenance;
+                             `seconds`: wall time per phase (the stage's profile)
     config.yaml              the resolved config
 Each check must pass: the file loads in llama-cpp-python (built from the same llama.cpp source), has the
 expected architecture, the training chat template and <|im_end|> as end of turn, and a greedy answer
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from finetune import data as datasets_
 from finetune.config import RunConfig, to_yaml
-from finetune.stage import file_sha256, publishing, stage_main
+from finetune.stage import Stopwatch, file_sha256, publishing, stage_main
 from finetune.templates import CHATML_END, render_chatml
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/opt/llama.cpp"))
@@ -210,6 +211,7 @@ def token_difference(ours: list[int], hf_dir: Path, text: str, llm) -> str | Non
 def convert(config: RunConfig, out: Path) -> Path:
     """Convert, quantize and check per `config` into out/convert/ (see the module docstring)."""
     merged, work, final = out / "train" / "merged", out / ".convert.partial", out / "convert"
+    clock = Stopwatch()
     hf_config = check_merged(merged)
     with publishing(work, final):
         (work / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
@@ -218,7 +220,9 @@ def convert(config: RunConfig, out: Path) -> Path:
                        f"{'@' + config.model.revision if config.model.revision else ''}; llama.cpp {LLAMA_CPP_COMMIT}")
         full = work / f"model-{c.outtype}.gguf"
         print(f"convert: {merged} -> {full.name}", flush=True)
+        clock.lap("start")
         to_gguf(merged, full, c.outtype, description)
+        clock.lap("convert_hf_to_gguf")
         imatrix = None
         if c.imatrix:
             text = work / "imatrix-input.txt"
@@ -227,14 +231,17 @@ def convert(config: RunConfig, out: Path) -> Path:
             run_tool(["llama-imatrix", "-m", str(full), "-f", str(text), "-o", str(imatrix), "-c", "128"],
                      "computing the importance matrix")
             text.unlink()
+            clock.lap("imatrix")
         files = [(c.outtype, full)]
         for quant in c.quant_types:
             target = work / f"model-{quant}.gguf"
             print(f"convert: {full.name} -> {target.name}", flush=True)
             quantize(full, target, quant, imatrix)
             files.append((quant, target))
+        clock.lap("llama-quantize")
         if config.serve.baseline and (base := out / "train" / "base").is_dir():
             files.append((f"base {config.serve.quant}", base_gguf(base, work, config, description)))
+            clock.lap("baseline GGUF")
 
         template = json.loads((merged / "tokenizer_config.json").read_text()).get("chat_template")
         if template is None and (merged / "chat_template.jinja").is_file():
@@ -250,10 +257,12 @@ def convert(config: RunConfig, out: Path) -> Path:
             baseline = kind.startswith("base")
             row = {"type": kind, **check_gguf(path, out / "train" / ("base" if baseline else "merged"),
                                               hf_config["model_type"], None if baseline else template, prompt)}
+            clock.lap("checks")
             if reference is not None and baseline:
                 row |= perplexity(path, reference)
             elif reference is not None:  # files[0] is the full-precision GGUF: its logits are the yardstick
                 row |= perplexity(path, reference, work / "logits.bin", compare=path != files[0][1])
+            clock.lap("perplexity")
             rows.append(row)
         if reference:
             reference.unlink()
@@ -264,6 +273,7 @@ def convert(config: RunConfig, out: Path) -> Path:
                           "sha256:832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"},
             "source_model": {"architecture": hf_config["architectures"][0], "model_type": hf_config["model_type"]},
             "files": rows,
+            "seconds": clock.seconds,  # wall time per phase: the stage's profile
         }
         (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print_table(rows)

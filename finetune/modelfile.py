@@ -90,7 +90,8 @@ def render(gguf: str, config: RunConfig, turns: Sequence[Turn] = ()) -> str:
              f"TEMPLATE {quoted(GO_TEMPLATES[template])}"]
     lines += [f"PARAMETER stop {quoted(s)}" for s in dict.fromkeys([*STOP_TOKENS[template], *serve.stop])]
     parameters = {"temperature": serve.temperature, "top_p": serve.top_p, "top_k": serve.top_k,
-                  "repeat_penalty": serve.repeat_penalty, "num_ctx": serve.num_ctx, "seed": config.train.seed}
+                  "repeat_penalty": serve.repeat_penalty, "num_ctx": serve.num_ctx, "num_thread": serve.num_thread,
+                  "seed": config.train.seed}
     lines += [f"PARAMETER {k} {v}" for k, v in parameters.items() if v is not None]
     if serve.system_prompt is not None:
         lines.append(f"SYSTEM {quoted(serve.system_prompt)}")

@@ -13,8 +13,11 @@ The same inputs give byte-identical files (fixed seeds, one thread, deterministi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 from finetune.templates import CHATML_END, CHATML_JINJA, CHATML_START, save_tokenizer
@@ -110,6 +113,39 @@ def build(out: Path, domain_files: list[Path], steps: int = PRETRAIN_STEPS) -> P
     model.save_pretrained(out)
     (out / "tiny.json").write_text(json.dumps({"seed": SEED, "steps": steps, "final_loss": round(loss.item(), 4)}))
     return out
+
+
+def build_key(domain_files: list[Path]) -> str:
+    """What a build depends on: this code, the tokenizer saving code, the corpora and the library versions."""
+    import sentencepiece
+    import tokenizers
+    import torch
+    import transformers
+
+    digest = hashlib.sha256()
+    for path in (Path(__file__), Path(__file__).with_name("templates.py"), GENERIC_CORPUS, *domain_files):
+        digest.update(path.read_bytes())
+    for module in (torch, transformers, tokenizers, sentencepiece):
+        digest.update(f"{module.__name__}=={module.__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_build(out: Path, domain_files: list[Path], cache: Path) -> bool:
+    """build() into `out`, or copy an earlier build of the same inputs from `cache`: the build is
+    deterministic, so the copy is the same model, byte for byte, without the pre-training (about 10 s on two
+    cores). A new build enters the cache by an atomic rename, complete or not at all. True if it was built."""
+    entry = cache / build_key(domain_files)
+    built = not (entry / "tiny.json").is_file()
+    if built:
+        partial = cache / f".{entry.name}.{os.getpid()}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        build(partial, domain_files)
+        try:
+            partial.rename(entry)
+        except OSError:  # another run cached the same build first
+            shutil.rmtree(partial)
+    shutil.copytree(entry, out, dirs_exist_ok=True)
+    return built
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,8 @@ Reads the resolved run config and the data files it names; writes OUT/train/:
                     fine-tuned model: the tiny model built offline, or a hub model when serve.baseline is on
     metrics.jsonl   one line per logging step: loss, eval loss, lr, tokens/s, peak memory
     loss.png        the loss curve
-    summary.json    eval loss of the base and of the fine-tuned model, steps, tokens, time, device
+    summary.json    eval loss of the base and of the fine-tuned model, steps, tokens, time, device, peak memory,
+                    parameters, and `seconds`: wall time per phase (the stage's profile)
     config.yaml     the resolved config
 Work happens in OUT/.train.partial/, which holds the checkpoints; OUT/train/ appears only when everything
 is written, so a killed run never looks finished, and a rerun with the same config resumes from the last
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from finetune import data as datasets_
 from finetune.config import RunConfig, to_yaml
-from finetune.stage import publish, stage_main
+from finetune.stage import Stopwatch, publish, stage_main
 from finetune.templates import CHATML_END, CHATML_JINJA, chatml_spans, save_tokenizer
 
 
@@ -74,14 +76,21 @@ def precision(config: RunConfig, device: str) -> str:
 
 
 def base_model_dir(config: RunConfig, work: Path) -> str:
-    """Where the base model comes from: built offline into work/base, a local directory, or a hub id."""
+    """Where the base model comes from: built offline into work/base (or copied from the cache volume's
+    identical earlier build), a local directory, or a hub id."""
     if config.model.id == "builtin:tiny-llama":
         from finetune import tiny
 
         base = work / "base"
         if not (base / "config.json").is_file():
-            print("train: building the tiny offline base model (no download)", flush=True)
-            tiny.build(base, [Path(p) for p in (config.data.train, config.data.eval) if p])
+            domain = [Path(p) for p in (config.data.train, config.data.eval) if p]
+            if "HF_HOME" not in os.environ:  # outside the train image: no cache volume
+                tiny.build(base, domain)
+            else:  # the train image's cache volume keeps it between runs
+                cache = Path(os.environ["HF_HOME"]) / "finetune-tiny"
+                built = tiny.cached_build(base, domain, cache)
+                print(f"train: {'built' if built else 'reused'} the tiny offline base model (no download; "
+                      f"{cache})", flush=True)
         return str(base)
     return config.model.id
 
@@ -114,8 +123,32 @@ def load_tokenizer(source: str, config: RunConfig):
     return tokenizer
 
 
+def sft_kwargs(config: RunConfig, device: str, dtype_name: str) -> dict:
+    """The SFTConfig arguments that decide what training computes: optimizer, schedule, steps, batch,
+    precision, sequence length, packing. `invoke bench` gives its plain TRL baseline the same ones (TRL's
+    own defaults differ: bf16 autocast and activation checkpointing, 10x slower on a CPU)."""
+    t = config.train
+    return dict(
+        seed=t.seed, data_seed=t.seed, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio
+        weight_decay=t.weight_decay, num_train_epochs=t.epochs or 1.0, max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        activation_checkpointing=t.gradient_checkpointing, bf16=dtype_name == "bf16", fp16=dtype_name == "fp16",
+        use_cpu=device == "cpu", logging_steps=t.logging_steps, max_length=config.data.max_seq_len,
+        packing=t.packing, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+    )
+
+
+def lora_kwargs(config: RunConfig) -> dict:
+    """peft LoraConfig arguments of the run."""
+    t = config.train
+    return dict(r=t.rank, lora_alpha=t.alpha, lora_dropout=t.dropout, target_modules=list(t.target_modules),
+                modules_to_save=list(t.modules_to_save) or None, task_type="CAUSAL_LM")
+
+
 def train(config: RunConfig, out: Path) -> Path:
     """Fine-tune per `config` into out/train/ (see the module docstring); return that directory."""
+    clock = Stopwatch()
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -125,6 +158,7 @@ def train(config: RunConfig, out: Path) -> Path:
 
     from finetune.metrics import MetricsCallback, peak_memory_mb, plot_loss
 
+    clock.lap("imports")
     device, method = pick_device(config)
     dtype_name = precision(config, device)
     work, final = out / ".train.partial", out / "train"
@@ -138,7 +172,9 @@ def train(config: RunConfig, out: Path) -> Path:
           f"({torch.cuda.get_device_name(0) if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{dtype_name}", flush=True)
     torch.manual_seed(config.train.seed)
+    clock.lap("start")
     source = base_model_dir(config, work)
+    clock.lap("base model")  # the tiny model is built here; a hub model loads below
     tokenizer = load_tokenizer(source, config)
 
     count = lambda messages: len(tokenizer(chatml_spans(messages)[0])["input_ids"])  # noqa: E731
@@ -152,48 +188,52 @@ def train(config: RunConfig, out: Path) -> Path:
 
     t = config.train
     args = SFTConfig(
-        output_dir=str(work / "checkpoints"), seed=t.seed, data_seed=t.seed, full_determinism=device == "cpu",
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio
-        weight_decay=t.weight_decay, num_train_epochs=t.epochs or 1.0, max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, activation_checkpointing=t.gradient_checkpointing,
-        bf16=dtype_name == "bf16", fp16=dtype_name == "fp16", use_cpu=device == "cpu",
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        output_dir=str(work / "checkpoints"), **sft_kwargs(config, device, dtype_name),
+        full_determinism=t.deterministic and device == "cpu", per_device_eval_batch_size=t.batch_size,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
         eval_strategy="steps" if (t.eval_steps and eval_set is not None) else "no", eval_steps=t.eval_steps,
-        max_length=config.data.max_seq_len, packing=t.packing, assistant_only_loss=False,
-        include_num_input_tokens_seen="non_padding", report_to=[], dataloader_num_workers=0, disable_tqdm=False,
+        assistant_only_loss=False, report_to=[], disable_tqdm=False,  # the masks come with the tokens
     )
-    lora = LoraConfig(r=t.rank, lora_alpha=t.alpha, lora_dropout=t.dropout, target_modules=list(t.target_modules),
-                      modules_to_save=list(t.modules_to_save) or None, task_type="CAUSAL_LM")
+    lora = LoraConfig(**lora_kwargs(config))
     model = load_model(source, config, method, dtype_name)
+    parameters = model.num_parameters()
     metrics = MetricsCallback(work / "metrics.jsonl")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer, peft_config=lora, callbacks=[metrics])
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(metrics.progress)
+    clock.lap("load and tokenize")
 
     summary_path = work / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if eval_set is not None and "eval_loss_base" not in summary:
         summary["eval_loss_base"] = trainer.evaluate()["eval_loss"]  # LoRA B starts at zero: this is the base
         summary_path.write_text(json.dumps(summary))
+    clock.lap("eval before")
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if last:
         print(f"train: resuming from {Path(last).name}", flush=True)
         keep_metrics_until(work / "metrics.jsonl", int(Path(last).name.split("-")[-1]))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=last)
+    clock.lap("train")
     summary |= {
-        "method": method, "device": device, "precision": dtype_name, "steps": trainer.state.global_step,
+        "method": method, "device": device, "precision": dtype_name,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "steps": trainer.state.global_step,
         "train_loss": result.training_loss, "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "train_seconds": round(time.time() - started, 1), "resumed_from": Path(last).name if last else None,
-        "peak_memory_mb": peak_memory_mb(),
+        "train_seconds": round(time.time() - started, 3), "resumed_from": Path(last).name if last else None,
+        "peak_memory_mb": peak_memory_mb(), "parameters": parameters,
     }
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    clock.lap("eval after")
     trainer.model.save_pretrained(work / "adapter")
     merge(source, config, work / "adapter", work / "merged", tokenizer, dtype_name)
+    clock.lap("save and merge")
     plot_loss(work / "metrics.jsonl", work / "loss.png", summary)
+    clock.lap("plot")
+    summary["seconds"] = clock.seconds  # the stage's profile, phase by phase (this process only on a resume)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(work / "checkpoints")
     publish(work, final)
