@@ -6,12 +6,16 @@
 set -eu
 MODELS_FILE=${MODELS_FILE:-/artifacts/serve/models}
 READY_WAIT_S=${READY_WAIT_S:-60}
+READY_FILE=/tmp/finetune-serve.ready
 
 models() {
     grep -v '^[[:space:]]*\(#\|$\)' "$MODELS_FILE"
 }
 
 if [ "${1:-}" = health ]; then
+    # The store is a volume shared by runs: a model of the same name may exist before this container has
+    # created its own, so healthy also needs this container's creates to have finished.
+    [ -f "$READY_FILE" ] || exit 1
     models | while read -r name _; do
         ollama show "$name" >/dev/null 2>&1 || exit 1
     done
@@ -23,6 +27,7 @@ if [ ! -r "$MODELS_FILE" ]; then
     exit 2
 fi
 
+rm -f "$READY_FILE"  # left by the run before a `docker restart`
 ollama serve &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null; wait "$server"; exit 0' TERM INT
@@ -55,6 +60,7 @@ models | while read -r name modelfile; do
         exit 1
     fi
 done || { kill -TERM "$server"; wait "$server" || true; exit 1; }
+touch "$READY_FILE"
 echo "serve: ready: $(models | cut -d' ' -f1 | tr '\n' ' ')"
 
 wait "$server"

@@ -6,7 +6,8 @@ measured in the same run on the same machine.
 What it measures, bench.repeats times each (median, min and max):
     train     tokens/s, peak memory and wall time of `invoke train` vs bench/plain_sft.py, a minimal TRL
               SFTTrainer script run in the same image on the same model, data, steps and precision; packing
-              off and on. On a GPU also QLoRA vs LoRA memory, and model FLOPs utilization.
+              off and on, and with train.deterministic off (what byte-reproducible training costs). On a
+              GPU also QLoRA vs LoRA memory, and model FLOPs utilization.
     convert   wall time of `invoke convert` vs convert_hf_to_gguf.py + llama-quantize run by hand on the
               same merged model; and the stage's own convert + quantize phases vs the same two commands
     serve     generation tokens/s, prompt tokens/s and time to first token through Ollama vs llama-bench
@@ -175,6 +176,8 @@ class Bench:
                          encoding="utf-8")
         if containers.has_gpu():
             self.train_methods(chats)
+        if self.config.train.deterministic:  # its cost shows most with packing; first, so the run ends as configured
+            self.train_variant(chats, True, deterministic=False)
         packing = self.config.train.packing
         for packed in (not packing, packing):  # the config's own setting last: the run stays as configured
             self.train_variant(chats, packed)
@@ -183,9 +186,9 @@ class Bench:
         wall = self.invoke(["train"], extra, force=True)
         return wall, json.loads((self.run_dir / "train" / "summary.json").read_text())
 
-    def train_variant(self, chats: Path, packed: bool) -> None:
-        label = f"packing {'on' if packed else 'off'}"
-        extra = (f"train.packing={str(packed).lower()}",)
+    def train_variant(self, chats: Path, packed: bool, deterministic: bool = True) -> None:
+        label = f"packing {'on' if packed else 'off'}" + ("" if deterministic else ", train.deterministic=false")
+        extra = (f"train.packing={str(packed).lower()}", *(() if deterministic else ("train.deterministic=false",)))
         ours: dict[str, list] = {"tps": [], "memory": [], "wall": [], "summary": [], "phases": []}
         plain: dict[str, list] = {"tps": [], "memory": [], "wall": []}
         for i in range(self.repeats):
@@ -210,7 +213,7 @@ class Bench:
         self.profile(f"train, {label}", ours["phases"])
         self.baseline_walls[f"train, {label}"] = statistics.median(plain["wall"])
         summary = ours["summary"][-1]
-        if summary["device"] == "cuda" and not packed:
+        if summary["device"] == "cuda" and not packed and deterministic:
             self.mfu_row(ours, plain, summary)
 
     def plain_train(self, chats: Path, summary: dict, extra: tuple[str, ...]) -> tuple[dict, float]:

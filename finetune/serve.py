@@ -160,7 +160,8 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
         container.reload()
         state = container.attrs["State"]
         health = (state.get("Health") or {}).get("Status")
-        if state["Status"] == "running" and health != "unhealthy" and models_answer(config, models):
+        if (state["Status"] == "running" and health != "unhealthy" and b"serve: ready:" in container.logs()
+                and models_answer(config, models)):
             return Served(url(config), models, name, ollama_version(config))
         if state["Status"] != "running" or health == "unhealthy" or time.monotonic() > deadline:
             log = container.logs(tail=30).decode(errors="replace").rstrip()
@@ -172,8 +173,9 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
 
 
 def models_answer(config: RunConfig, models: list[str]) -> bool:
-    """Whether the server answers and has every model: what the HEALTHCHECK checks, asked now rather than at
-    the check's next interval (2 s; Docker 20.10 has no faster start interval), so a start returns at once."""
+    """Whether the server answers and has every model. `start` asks this once the entrypoint has logged that
+    it created them (a model of the same name may be in the shared store already): what the HEALTHCHECK
+    checks, asked at once rather than at the check's next interval (2 s; Docker 20.10 has no start interval)."""
     for model in models:
         request = urllib.request.Request(f"{url(config)}/api/show", data=json.dumps({"model": model}).encode(),
                                          method="POST")
