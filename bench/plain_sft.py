@@ -8,7 +8,7 @@ train image (same packages) with the run config's hyperparameters, passed as key
     python plain_sft.py --model DIR_OR_HUB_ID --data chats.jsonl --spec spec.json --out DIR
 
 spec.json: {"sft": SFTConfig kwargs, "lora": LoraConfig kwargs, "qlora": true|false, "revision": str|null}.
-Writes OUT/result.json: tokens seen, training seconds, tokens/s, peak memory, parameter count.
+Writes OUT/result.json: tokens seen, training seconds, peak memory, parameter count.
 """
 
 import argparse
@@ -41,7 +41,8 @@ def main() -> None:
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype) if spec.get("qlora") else None
     model = AutoModelForCausalLM.from_pretrained(args.model, revision=spec.get("revision"), dtype=dtype,
-                                                 quantization_config=quantization)
+                                                 quantization_config=quantization,
+                                                 device_map="auto" if quantization else None)
     parameters = sum(p.numel() for p in model.parameters())
     trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(out / "checkpoints"), report_to=[], **sft),
                          train_dataset=dataset, processing_class=tokenizer, peft_config=LoraConfig(**spec["lora"]))

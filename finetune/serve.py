@@ -121,10 +121,8 @@ def ensure_running(config: RunConfig, run_dir: Path, image: str, key: str) -> Se
         running = containers.client().containers.get(container_name(config))
     except NotFound:
         running = None
-    if (running is not None and running.status == "running" and running.labels.get("finetune.key") == key
-            and running.image.id == containers.client().images.get(image).id
-            and (running.attrs["State"].get("Health") or {}).get("Status") in ("healthy", "starting")
-            and models_answer(config, models)):
+    if (running is not None and running.labels.get("finetune.key") == key
+            and running.image.id == containers.client().images.get(image).id and ready(running, config, models)):
         print(f"serve: {running.name} is up to date and healthy")
         return Served(url(config), models, running.name, ollama_version(config))
     return start(config, run_dir, image, models, key)
@@ -160,8 +158,7 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
         container.reload()
         state = container.attrs["State"]
         health = (state.get("Health") or {}).get("Status")
-        if (state["Status"] == "running" and health != "unhealthy" and b"serve: ready:" in container.logs()
-                and models_answer(config, models)):
+        if ready(container, config, models):
             return Served(url(config), models, name, ollama_version(config))
         if state["Status"] != "running" or health == "unhealthy" or time.monotonic() > deadline:
             log = container.logs(tail=30).decode(errors="replace").rstrip()
@@ -172,10 +169,18 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
         time.sleep(0.1)
 
 
+def ready(container, config: RunConfig, models: list[str]) -> bool:
+    """Whether the serve container has created its models and they answer: what its HEALTHCHECK checks, asked
+    now rather than at the check's next interval (2 s; Docker 20.10 has no faster start interval). The
+    entrypoint logs `serve: ready:` after its last create; until then a model of the same name may answer
+    from the store, which is a volume shared by runs."""
+    state = container.attrs["State"]
+    return (state["Status"] == "running" and (state.get("Health") or {}).get("Status") != "unhealthy"
+            and b"serve: ready:" in container.logs() and models_answer(config, models))
+
+
 def models_answer(config: RunConfig, models: list[str]) -> bool:
-    """Whether the server answers and has every model. `start` asks this once the entrypoint has logged that
-    it created them (a model of the same name may be in the shared store already): what the HEALTHCHECK
-    checks, asked at once rather than at the check's next interval (2 s; Docker 20.10 has no start interval)."""
+    """Whether the server answers and has every model."""
     for model in models:
         request = urllib.request.Request(f"{url(config)}/api/show", data=json.dumps({"model": model}).encode(),
                                          method="POST")

@@ -67,7 +67,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-
 class Stopwatch:
     """Wall time per phase of a stage, its profile: `lap(phase)` ends the phase that began at the last lap."""
 
