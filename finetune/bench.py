@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +60,11 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200":
 
 class BenchError(RuntimeError):
     """A run that failed while being measured; the message has the end of its log."""
+
+
+def tokens_per_second(run: dict) -> float:
+    """Training throughput from a train summary.json or the plain script's result.json (the same keys)."""
+    return run["tokens_seen"] / run["train_seconds"]
 
 
 def summarize(values: list[float]) -> dict:
@@ -194,12 +198,9 @@ class Bench:
         for i in range(self.repeats):
             wall, summary = self.train_stage(extra)
             result, plain_wall = self.plain_train(chats, summary, extra)
-            for into, tps, memory, seconds in ((ours, summary["tokens_seen"] / summary["train_seconds"],
-                                                summary["peak_memory_mb"], wall),
-                                               (plain, result["tokens_seen"] / result["train_seconds"],
-                                                result["peak_memory_mb"], plain_wall)):
-                into["tps"].append(tps)
-                into["memory"].append(memory)
+            for into, run, seconds in ((ours, summary, wall), (plain, result, plain_wall)):
+                into["tps"].append(tokens_per_second(run))
+                into["memory"].append(run["peak_memory_mb"])
                 into["wall"].append(seconds)
             ours["summary"].append(summary)
             ours["phases"].append(self.with_overheads("train", wall, summary["seconds"]))
@@ -253,7 +254,7 @@ class Bench:
             for method in samples:
                 _, summary = self.train_stage((f"train.method={method}",))
                 samples[method]["memory"].append(summary["peak_memory_mb"])
-                samples[method]["tps"].append(summary["tokens_seen"] / summary["train_seconds"])
+                samples[method]["tps"].append(tokens_per_second(summary))
         self.add(Row("train", "peak GPU memory, QLoRA", "MiB", samples["qlora"]["memory"], "LoRA (same run)",
                      samples["lora"]["memory"]))
         self.add(Row("train", "training tokens/s, QLoRA", "tok/s", samples["qlora"]["tps"], "LoRA (same run)",
@@ -358,7 +359,7 @@ class Bench:
         try:
             while True:
                 try:
-                    urllib.request.urlopen(f"{serve_stage.url(config)}/api/version", timeout=1).close()
+                    serve_stage.ollama_version(config)
                     break
                 except OSError:
                     if time.perf_counter() - started > serve_stage.HEALTHY_WITHIN_S:
