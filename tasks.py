@@ -12,6 +12,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke eval                    # baseline vs fine-tuned (every quant) on the eval split: report.html
     ./invoke bench                   # every stage timed beside the plain tools: bench.md, bench.json
     ./invoke verify                  # recheck every artifact against artifacts/<run>/manifest.json
+    ./invoke verify --golden         # ... and against the published hashes (golden/): same bytes everywhere
     ./invoke images.ollama           # Ollama built from pinned source, for machines without a registry
     ./invoke test                    # the test suite, as CI runs it
 
@@ -21,6 +22,7 @@ variables, e.g. INVOKE_FINETUNE_CONFIG=configs/qwen2.5-3b-ja-qlora.yaml, INVOKE_
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -145,7 +147,7 @@ def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force
             cache.clear_stamp(run_dir, stage)
             started = time.time()
             work(run_dir)
-            record = manifest.stage_record(stage, image_attrs, started, time.time())
+            record = manifest.stage_record(stage, image_attrs, started, time.time(), run_dir)
             cache.write_stamp(run_dir, inputs, record)
             manifest.record_stage(run_dir, inputs, record, to_yaml(cfg))
             return inputs.key
@@ -177,7 +179,7 @@ def bench(c: Context, config: str | None = None, set_: list[str] | None = None, 
     plain Ollama), the pipeline cold and warm, and the image sizes; on a separate run, <run>-bench."""
     cfg = load(c, config, set_)
     images = [stage_image(c, stage) for stage in ("train", "convert", "serve")]  # built before timing anything
-    images += [c.finetune.ollama_image, c.finetune.base_image] if c.finetune.local_base else []
+    images += [c.finetune.ollama_image, c.finetune.base_image] if local_base_reason(c, "serve") else []
     try:
         results = bench_.run(cfg, config or c.finetune.config, set_ or [], Path(out) if out else None, images)
     except (bench_.BenchError, serve_stage.ServeError) as e:
@@ -185,16 +187,45 @@ def bench(c: Context, config: str | None = None, set_: list[str] | None = None, 
     print(bench_.markdown(results))
 
 
-@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
-def verify(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
-    """Recheck every artifact of the run against artifacts/<run>/manifest.json (size and sha256)."""
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP,
+                               "golden": "also compare with the published hashes (golden/<config>.json): the same "
+                                         "bytes as on every other x86-64 machine with AVX2",
+                               "update": "with --golden: publish this run's hashes instead (for a change meant to "
+                                         "change the artifacts; commit them with it)"})
+def verify(c: Context, config: str | None = None, set_: list[str] | None = None, golden: bool = False,
+           update: bool = False) -> None:
+    """Recheck every artifact of the run against artifacts/<run>/manifest.json (size and sha256); with --golden,
+    against the published hashes too, naming the first artifact that differs."""
     cfg = load(c, config, set_)
-    checked, problems = manifest.verify(Path("artifacts") / cfg.run)
+    run_dir = Path("artifacts") / cfg.run
+    checked, problems = manifest.verify(run_dir)
     for p in problems:
         print(f"verify: {p}", file=sys.stderr)
     if problems:
         raise Exit(f"verify: {len(problems)} of {checked} files do not match the manifest", code=1)
-    print(f"verify: all {checked} files of artifacts/{cfg.run} match the manifest")
+    print(f"verify: all {checked} files of {run_dir} match the manifest")
+    if not golden:
+        return
+    config_path = config or c.finetune.config
+    path = manifest.golden_path(config_path)
+    if update:
+        summary = json.loads((run_dir / "train" / "summary.json").read_text(encoding="utf-8"))
+        published = manifest.write_golden(path, config_path, cfg.model_dump(mode="json"), run_dir, summary.get("numerics"))
+        print(f"verify: published the hashes of {len(published['files'])} files to {path}")
+        return
+    if not path.is_file():
+        raise Exit(f"verify: no published hashes for {config_path} ({path}); they exist for "
+                   f"{', '.join(sorted(str(p) for p in manifest.GOLDEN_DIR.glob('*.json')))}", code=2)
+    published = json.loads(path.read_text(encoding="utf-8"))
+    if (why := manifest.config_difference(published, cfg.model_dump(mode="json"))) is not None:
+        raise Exit(f"verify: {why}", code=2)
+    if problems := manifest.compare_golden(published, run_dir):
+        for p in problems:
+            print(f"verify: {p}", file=sys.stderr)
+        raise Exit(f"verify: {len(problems)} of {len(published['files'])} artifacts differ from the published hashes "
+                   f"({path}); the first that differs: {problems[0]}", code=1)
+    print(f"verify: all {len(published['files'])} published hashes match ({path}): the same bytes as on every "
+          "x86-64 machine with AVX2")
 
 
 @task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP, "question": "what to ask",
@@ -244,21 +275,53 @@ def data_mounts(cfg: RunConfig) -> list[containers.Mount]:
 
 def stage_image(c: Context, stage: str) -> str:
     """Build Dockerfile.<stage> as finetune-<stage>:latest (the layer cache makes an unchanged build fast),
-    FROM the local base image (serve: the Ollama built from source) when finetune.local_base is set."""
+    FROM the local base image (serve: the Ollama built from source) when `local_base_reason` gives one."""
     args = {}
-    if c.finetune.local_base:
-        if stage == "serve":
-            ollama(c)
-            args["OLLAMA_IMAGE"] = c.finetune.ollama_image
-        else:
-            base(c)
-            args["BASE_IMAGE"] = c.finetune.base_image
+    if (why := local_base_reason(c, stage)) is not None:
+        try:
+            if stage == "serve":
+                ollama(c)
+                args["OLLAMA_IMAGE"] = c.finetune.ollama_image
+            else:
+                base(c)
+                args["BASE_IMAGE"] = c.finetune.base_image
+        except Exit as e:
+            raise Exit(f"{stage}: {why}, and the local base cannot be built either: {e.message}\nFix one of them: "
+                       "make the registry reachable for the Docker engine, or build the local base as root "
+                       "(`sudo ./invoke images.base`, which needs debootstrap)", code=e.code) from e
     tag = f"finetune-{stage}:latest"
     try:
         containers.build(f"Dockerfile.{stage}", tag, args)
     except containers.ContainerError as e:
         raise Exit(f"{stage}: {e}") from e
     return tag
+
+
+UPSTREAM_ARG = {"train": "BASE_IMAGE", "convert": "BASE_IMAGE", "serve": "OLLAMA_IMAGE"}
+LOCAL_BASE_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def local_base_reason(c: Context, stage: str) -> str | None:
+    """Why Dockerfile.<stage> builds FROM the local base instead of its pinned upstream image, or None:
+    finetune.local_base when it is set (1/true or 0/false), else (auto) when the upstream image is neither
+    here nor pullable, found out in seconds and said in one line."""
+    setting = str(c.finetune.local_base).lower()
+    if setting != "auto":
+        if setting not in LOCAL_BASE_VALUES:
+            raise Exit(f"finetune.local_base={c.finetune.local_base!r}: use auto, 1 (build FROM the local base) or "
+                       "0 (pull the upstream base), e.g. INVOKE_FINETUNE_LOCAL_BASE=1", code=2)
+        return "finetune.local_base is set" if LOCAL_BASE_VALUES[setting] else None
+    try:
+        upstream = containers.dockerfile_default(f"Dockerfile.{stage}", UPSTREAM_ARG[stage])
+        why = containers.cannot_pull(upstream)
+    except containers.ContainerError as e:
+        raise Exit(f"{stage}: {e}", code=2) from e
+    if why is None:
+        return None
+    instead = "Ollama from source" if stage == "serve" else "FROM the local base"
+    print(f"{stage}: cannot pull {upstream} ({why}); building {instead} instead "
+          "(INVOKE_FINETUNE_LOCAL_BASE=1 or 0 forces either way)", file=sys.stderr, flush=True)
+    return f"cannot pull {upstream}"
 
 
 @task(help={"tag": "image tag (default: finetune.base_image)", "mirror": "Debian archive URL (default: the host's)",
@@ -303,9 +366,10 @@ ns.configure({
     "finetune": {
         "config": "configs/tiny-ja.yaml",
         "base_image": baseimage.DEFAULT_TAG,
-        # Build every stage image FROM base_image (made by images.base) instead of its upstream default;
-        # for machines that cannot reach a container registry, such as CI here.
-        "local_base": False,
+        # Build every stage image FROM base_image (made by images.base) instead of its upstream default, for
+        # machines that cannot reach a container registry: auto (when the upstream image cannot be pulled),
+        # 1 or 0 (INVOKE_FINETUNE_LOCAL_BASE=1 forces the local base, =0 the upstream one).
+        "local_base": "auto",
         # With local_base, the serve image is built FROM this Ollama (built from source by images.ollama).
         "ollama_image": "finetune-ollama:0.24.0",
         # Redo every stage even when up to date (INVOKE_FINETUNE_FORCE=1); one stage: its --force.

@@ -1,7 +1,9 @@
 #!/bin/sh
 # The serve image's entrypoint: start `ollama serve`, create every model listed in MODELS_FILE from its
 # Modelfile, then keep serving. `finetune-serve health` is the HEALTHCHECK: healthy only once every listed
-# model exists. Each line of MODELS_FILE is `<model name> <Modelfile path relative to MODELS_FILE>`.
+# model exists. Each line of MODELS_FILE is `<model name> <Modelfile> <GGUF>`, paths relative to MODELS_FILE's
+# directory: the GGUF is named here rather than read back out of the Modelfile, whose SYSTEM or MESSAGE text
+# may hold a line that begins with "FROM ".
 # A restart creates the models again: the same Modelfile gives the same model (its blobs are reused).
 set -eu
 MODELS_FILE=${MODELS_FILE:-/artifacts/serve/models}
@@ -47,12 +49,11 @@ until ollama list >/dev/null 2>&1; do
 done
 
 cd "$(dirname "$MODELS_FILE")"
-models | while read -r name modelfile; do
+models | while read -r name modelfile gguf; do
     echo "serve: creating $name from $modelfile"
     # A FROM path that does not exist makes `ollama create` try to pull a model of that name instead.
-    gguf=$(sed -n 's/^FROM //p' "$modelfile")
-    if [ ! -f "$gguf" ]; then
-        echo "serve: $modelfile: FROM $gguf: no such file (run \`invoke convert\` first)" >&2
+    if [ -z "$gguf" ] || [ ! -f "$gguf" ]; then
+        echo "serve: $MODELS_FILE: $name: GGUF ${gguf:-(none listed)}: no such file (run \`invoke convert\`, then \`invoke serve\`)" >&2
         exit 1
     fi
     if ! ollama create "$name" -f "$modelfile"; then

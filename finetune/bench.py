@@ -6,7 +6,8 @@ measured in the same run on the same machine.
 What it measures, bench.repeats times each (median, min and max):
     train     tokens/s, peak memory and wall time of `invoke train` vs bench/plain_sft.py, a minimal TRL
               SFTTrainer script run in the same image on the same model, data, steps and precision; packing
-              off and on, and with train.deterministic off (what byte-reproducible training costs). On a
+              off and on, with train.deterministic off (what byte-reproducible training costs) and with
+              train.pin_cpu off (what the numerical pin within it costs: finetune/numerics.py). On a
               GPU also QLoRA vs LoRA memory, and model FLOPs utilization.
     convert   wall time of `invoke convert` vs convert_hf_to_gguf.py + llama-quantize run by hand on the
               same merged model; and the stage's own convert + quantize phases vs the same two commands
@@ -105,8 +106,10 @@ class Bench:
         self.repeats = config.bench.repeats
         self.run_name = f"{config.run}-bench"
         self.run_dir = ROOT / "artifacts" / self.run_name
+        # A bench training is a time sample, not a model to serve: after a few steps its greedy answers may run
+        # on, which convert's quality check would refuse (convert.require_stop); here it only records them.
         self.sets = [*overrides, f"run={self.run_name}", f"train.max_steps={config.bench.train_steps}",
-                     f"serve.port={config.bench.port}"]
+                     f"serve.port={config.bench.port}", "convert.require_stop=false"]
         self.out = out.resolve()
         self.images = images
         self.rows: list[Row] = []
@@ -180,8 +183,13 @@ class Bench:
                          encoding="utf-8")
         if containers.has_gpu():
             self.train_methods(chats)
-        if self.config.train.deterministic:  # its cost shows most with packing; first, so the run ends as configured
-            self.train_variant(chats, True, deterministic=False)
+        # What byte-reproducible training costs (most with packing), and the numerical pin within it; first, so
+        # that the run ends as configured.
+        t = self.config.train
+        if t.deterministic:
+            self.train_variant(chats, True, "train.deterministic=false")
+        if t.deterministic and t.pin_cpu:
+            self.train_variant(chats, True, "train.pin_cpu=false")
         packing = self.config.train.packing
         for packed in (not packing, packing):  # the config's own setting last: the run stays as configured
             self.train_variant(chats, packed)
@@ -190,9 +198,10 @@ class Bench:
         wall = self.invoke(["train"], extra, force=True)
         return wall, json.loads((self.run_dir / "train" / "summary.json").read_text())
 
-    def train_variant(self, chats: Path, packed: bool, deterministic: bool = True) -> None:
-        label = f"packing {'on' if packed else 'off'}" + ("" if deterministic else ", train.deterministic=false")
-        extra = (f"train.packing={str(packed).lower()}", *(() if deterministic else ("train.deterministic=false",)))
+    def train_variant(self, chats: Path, packed: bool, variant: str | None = None) -> None:
+        """One training setting, `variant` (an override) on top of the config's, beside the plain script."""
+        label = f"packing {'on' if packed else 'off'}" + (f", {variant}" if variant else "")
+        extra = (f"train.packing={str(packed).lower()}", *((variant,) if variant else ()))
         ours: dict[str, list] = {"tps": [], "memory": [], "wall": [], "summary": [], "phases": []}
         plain: dict[str, list] = {"tps": [], "memory": [], "wall": []}
         for i in range(self.repeats):
@@ -214,7 +223,7 @@ class Bench:
         self.profile(f"train, {label}", ours["phases"])
         self.baseline_walls[f"train, {label}"] = statistics.median(plain["wall"])
         summary = ours["summary"][-1]
-        if summary["device"] == "cuda" and not packed and deterministic:
+        if summary["device"] == "cuda" and not packed and variant is None:
             self.mfu_row(ours, plain, summary)
 
     def plain_train(self, chats: Path, summary: dict, extra: tuple[str, ...]) -> tuple[dict, float]:
@@ -324,14 +333,14 @@ class Bench:
         engine = containers.client()
         container = engine.containers.get(serve_stage.container_name(config))
         image, key = container.image.id, container.labels["finetune.key"]
-        models = [line.split(" ", 1) for line in (self.run_dir / "serve" / "models").read_text().splitlines() if line]
+        models = serve_stage.read_models(self.run_dir)
         volume = f"finetune-bench-models-{config.run}"
         ours, plain = [], []
         for i in range(self.repeats):
             serve_stage.stop(config)
             remove_volume(volume)
             started = time.perf_counter()
-            serve_stage.start(config, self.run_dir, image, [name for name, _ in models], key, volume=volume)
+            serve_stage.start(config, self.run_dir, image, [m.name for m in models], key, volume=volume)
             ours.append(time.perf_counter() - started)
             serve_stage.stop(config)
             remove_volume(volume)
@@ -343,7 +352,8 @@ class Bench:
                      "plain `ollama serve` + `ollama create` by hand", plain))
         self.baseline_walls["serve"] = statistics.median(plain)
 
-    def plain_ollama_start(self, config: RunConfig, image: str, models: list[list[str]], volume: str) -> float:
+    def plain_ollama_start(self, config: RunConfig, image: str, models: list[serve_stage.ListedModel],
+                           volume: str) -> float:
         """`ollama serve` in the same image, polled every 0.1 s until it answers, then `ollama create` per
         model: what a user does by hand. Seconds from `docker run` until the last model exists."""
         engine = containers.client()
@@ -365,11 +375,11 @@ class Bench:
                     if time.perf_counter() - started > serve_stage.HEALTHY_WITHIN_S:
                         raise BenchError("plain ollama serve did not answer") from None
                     time.sleep(0.1)
-            for name, modelfile in models:
-                code, output = container.exec_run(["ollama", "create", name, "-f", modelfile],
+            for m in models:
+                code, output = container.exec_run(["ollama", "create", m.name, "-f", m.modelfile],
                                                   workdir="/artifacts/serve")
                 if code != 0:
-                    raise BenchError(f"ollama create {name} failed: {output.decode(errors='replace')[-500:]}")
+                    raise BenchError(f"ollama create {m.name} failed: {output.decode(errors='replace')[-500:]}")
             return time.perf_counter() - started
         finally:
             container.remove(force=True)

@@ -30,8 +30,8 @@ from finetune.stage import file_sha256
 # The config keys each stage reads (a key covers everything below it).
 STAGE_CONFIG = {
     "train": ("model", "data", "train", "serve.baseline"),  # serve.baseline: keep the base for the baseline
-    "convert": ("run", "model", "data.train", "data.eval", "convert", "serve.quant", "serve.baseline"),
-    "serve": ("run", "model.chat_template", "train.seed", "serve"),
+    "convert": ("model", "data.train", "data.eval", "convert", "serve.quant", "serve.baseline"),
+    "serve": ("model.chat_template", "train.seed", "serve"),
 }
 STAGE_FILES = {"train": ("data.train", "data.eval"), "convert": ("data.train", "data.eval"), "serve": ()}
 UPSTREAM = {"train": None, "convert": "train", "serve": "convert"}

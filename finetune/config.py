@@ -62,7 +62,7 @@ class ModelSection(_Section):
 class DataSection(_Section):
     train: str = Field(min_length=1, description="path of the training JSONL file, relative to the project root")
     eval: str | None = Field(None, description="path of the held-out JSONL file (eval loss, invoke eval)")
-    format: Literal["auto", "messages", "alpaca", "prompt_completion"] = Field(
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
         "auto", description="line format; auto detects it per line from the keys"
     )
     max_seq_len: int = Field(512, gt=0, le=131072, description="tokens per training example, prompt included")
@@ -96,9 +96,16 @@ class TrainSection(_Section):
         "auto", description="auto = bf16 on GPUs that support it, fp32 on CPU"
     )
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
-    deterministic: bool = Field(True, description="on CPU, deterministic algorithms only (transformers' "
-                                                  "full_determinism): the same inputs give byte-identical weights; "
-                                                  "costs ~10% of tokens/s, ~25% with packing (`invoke bench`)")
+    deterministic: bool = Field(True, description="the same inputs give byte-identical weights on any x86-64 CPU "
+                                                  "with AVX2: deterministic algorithms (transformers' "
+                                                  "full_determinism, on CPU) and the CPU kernels, BLAS path and "
+                                                  "threads pinned (finetune/numerics.py); costs tokens/s on CPU "
+                                                  "(`invoke bench`)")
+    pin_cpu: bool = Field(True, description="with deterministic: pin the CPU kernels (AVX2), MKL's code path and the "
+                                            "threads, so every x86-64 CPU with AVX2 gives the same bytes; false keeps "
+                                            "torch's own choice (bytes then depend on the CPU)")
+    cpu_threads: int = Field(2, gt=0, le=256, description="CPU threads of the train stage when pinned; the bytes "
+                                                          "depend on it, so it is fixed rather than the core count")
     logging_steps: int = Field(10, gt=0, description="steps between metrics lines")
     save_steps: int = Field(100, gt=0, description="steps between resumable checkpoints")
     eval_steps: int | None = Field(None, gt=0, description="steps between eval-loss runs (default: at the end)")
@@ -110,6 +117,9 @@ class ConvertSection(_Section):
         default_factory=lambda: ["Q4_K_M"], description="llama-quantize types to build"
     )
     imatrix: bool = Field(False, description="compute an importance matrix from the training data first")
+    require_stop: bool = Field(True, description="fail unless each fine-tuned GGUF's greedy answer stops by itself; "
+                                                 "false only records how it ended (for deliberately short "
+                                                 "trainings, such as `invoke bench`'s)")
 
 
 class FewShot(_Section):

@@ -58,6 +58,40 @@ def image_exists(tag: str) -> bool:
     return True
 
 
+def dockerfile_default(dockerfile: str | Path, arg: str) -> str:
+    """The default value of `ARG <arg>=...` in a Dockerfile: the upstream base image it pins."""
+    for line in Path(dockerfile).read_text(encoding="utf-8").splitlines():
+        name, _, value = line.removeprefix("ARG ").partition("=")
+        if line.startswith("ARG ") and name.strip() == arg and value:
+            return value.strip()
+    raise ContainerError(f"{dockerfile} has no `ARG {arg}=<image>` default")
+
+
+_unreachable: dict[str, str] = {}  # registry -> why it did not answer, once per process
+
+
+def cannot_pull(image: str, timeout_s: float = 10) -> str | None:
+    """None when `image` is here or its registry answers for it within `timeout_s`; else why it cannot be
+    pulled, in a few words. Asks the engine for the image's manifest only (no layers are downloaded), so the
+    engine's own mirrors, proxy and credentials count; a registry that failed once is not asked again."""
+    if image_exists(image):
+        return None
+    first = image.split("/", 1)[0]
+    registry = first if "/" in image and ("." in first or ":" in first) else "docker.io"
+    if registry in _unreachable:
+        return _unreachable[registry]
+    try:
+        docker.from_env(timeout=timeout_s).api.inspect_distribution(image)
+    except DockerException as e:
+        why = ": ".join((getattr(e, "explanation", None) or str(e)).strip().split(": ")[-2:])  # the gist, at the end
+        _unreachable[registry] = f"{registry} did not answer: {why[-160:]}"
+        return _unreachable[registry]
+    except OSError as e:  # a timeout or a refused connection below the SDK (requests raises OSErrors)
+        _unreachable[registry] = f"{registry} did not answer within {timeout_s:.0f} s ({type(e).__name__})"
+        return _unreachable[registry]
+    return None
+
+
 def buildkit_cli() -> list[str]:
     """The command prefix of a docker CLI that builds with BuildKit.
 

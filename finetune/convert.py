@@ -16,7 +16,7 @@ Reads OUT/train/merged/ (read-only); writes OUT/convert/:
     config.yaml              the resolved config
 Each check must pass: the file loads in llama-cpp-python (built from the same llama.cpp source), has the
 expected architecture, the training chat template and <|im_end|> as end of turn, and a greedy answer
-stops by itself. Work happens in OUT/.convert.partial/ and moves to OUT/convert/ only when all is done;
+stops by itself (convert.require_stop). Work happens in OUT/.convert.partial/ and moves to OUT/convert/ only when all is done;
 on failure nothing is left behind.
 """
 
@@ -138,12 +138,12 @@ def perplexity(model: Path, text_file: Path, logits: Path | None = None, compare
 
 
 def check_gguf(path: Path, hf_dir: Path, expected_arch: str, chat_template: str | None,
-               prompt_messages: list[dict]) -> dict:
+               prompt_messages: list[dict], require_stop: bool = True) -> dict:
     """Load a GGUF, check its metadata and that it tokenizes a prompt exactly as the Hugging Face tokenizer in
     hf_dir does, and generate greedily; raise ConvertError if anything is off.
 
     chat_template None checks a base model: it loads and generates, but it was never taught the template
-    or to end its turn.
+    or to end its turn. require_stop False records how the greedy answer ended without failing on it.
     """
     import gguf
     from llama_cpp import Llama
@@ -177,7 +177,7 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, chat_template: str 
     result = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=1, seed=0,
                                    repeat_penalty=REPEAT_PENALTY)
     choice = result["choices"][0]
-    if tuned and choice["finish_reason"] != "stop":
+    if tuned and require_stop and choice["finish_reason"] != "stop":
         problems.append(f"a greedy answer (repeat penalty {REPEAT_PENALTY}) did not stop by itself within "
                         f"{MAX_NEW_TOKENS} tokens "
                         f"(runaway generation: check the chat template and end tokens): {choice['text'][:120]!r}")
@@ -216,7 +216,8 @@ def convert(config: RunConfig, out: Path) -> Path:
     with publishing(work, final):
         (work / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
         c = config.convert
-        description = (f"fine-tuned by finetune run {config.run} from {config.model.id}"
+        # No run name and no time: the same config gives the same bytes in any run (golden/, verify --golden).
+        description = (f"fine-tuned by finetune from {config.model.id}"
                        f"{'@' + config.model.revision if config.model.revision else ''}; llama.cpp {LLAMA_CPP_COMMIT}")
         full = work / f"model-{c.outtype}.gguf"
         print(f"convert: {merged} -> {full.name}", flush=True)
@@ -256,7 +257,8 @@ def convert(config: RunConfig, out: Path) -> Path:
         for kind, path in files:
             baseline = kind.startswith("base")
             row = {"type": kind, **check_gguf(path, out / "train" / ("base" if baseline else "merged"),
-                                              hf_config["model_type"], None if baseline else template, prompt)}
+                                              hf_config["model_type"], None if baseline else template, prompt,
+                                              c.require_stop)}
             clock.lap("checks")
             if reference is not None and baseline:
                 row |= perplexity(path, reference)

@@ -4,10 +4,14 @@
 
 Accepted line formats (data.format, or `auto` to detect each line from its keys):
 - messages:          {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+                     `content` may also be OpenAI content parts, [{"type": "text", "text": "..."}, ...]:
+                     the text parts are joined with a line break (as vLLM does); other part types are errors
+- sharegpt:          {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
 - alpaca:            {"instruction": "...", "input": "...", "output": "...", "system": "..."}
 - prompt_completion: {"prompt": "...", "completion": "..."}
 Any line may also carry "id" (a string) and "key_facts" (strings that must appear in the last answer;
-`invoke eval` scores them). Bad lines are reported as `file:line: what is wrong`; nothing is written.
+`invoke eval` scores them). A UTF-8 byte order mark at the start of the file (Windows editors, spreadsheet
+exports) is ignored. Bad lines are reported as `file:line: what is wrong`; nothing is written.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ RECOMMENDED_EXAMPLES = 500  # the guide: 500-1000 recommended, quality over quan
 
 FORMAT_KEYS = {
     "messages": ({"messages"}, set()),
+    "sharegpt": ({"conversations"}, set()),
     "alpaca": ({"instruction", "output"}, {"input", "system"}),
     "prompt_completion": ({"prompt", "completion"}, set()),
 }
 META_KEYS = {"id", "key_facts"}
 ROLES = ("system", "user", "assistant")
+# ShareGPT speakers and the roles they become; "user"/"assistant" appear in many ShareGPT exports too.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 TokenCounter = Callable[[Sequence[dict]], int]
 
@@ -69,7 +76,7 @@ def read_split(path: str | Path, fmt: str = "auto", max_seq_len: int | None = No
     split = Split(str(path))
     seen: dict[str, int] = {}
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading BOM is dropped
     except (OSError, UnicodeDecodeError) as e:
         split.problems.append(f"{path}: cannot read it as UTF-8 text ({e})")
         return split
@@ -131,8 +138,8 @@ def _detect_format(obj: dict) -> str:
     for fmt, (required, _) in FORMAT_KEYS.items():
         if required <= obj.keys():
             return fmt
-    raise ValueError(f"cannot tell the format from the keys ({', '.join(sorted(obj)) or 'none'}); "
-                     "use 'messages', 'instruction'+'output' (alpaca) or 'prompt'+'completion'")
+    raise ValueError(f"cannot tell the format from the keys ({', '.join(sorted(obj)) or 'none'}); use 'messages', "
+                     "'conversations' (ShareGPT), 'instruction'+'output' (alpaca) or 'prompt'+'completion'")
 
 
 def _to_messages(obj: dict, fmt: str) -> list[dict]:
@@ -143,7 +150,20 @@ def _to_messages(obj: dict, fmt: str) -> list[dict]:
         for i, m in enumerate(messages, start=1):
             if not isinstance(m, dict) or set(m) != {"role", "content"}:
                 raise ValueError(f"message {i} must be an object with exactly 'role' and 'content'")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return [{"role": m["role"], "content": _text(m["content"], i)} for i, m in enumerate(messages, start=1)]
+    if fmt == "sharegpt":
+        turns = obj["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError("'conversations' must be a non-empty list of {from, value} objects")
+        messages = []
+        for i, m in enumerate(turns, start=1):
+            if not isinstance(m, dict) or set(m) != {"from", "value"}:
+                raise ValueError(f"message {i} must be an object with exactly 'from' and 'value' (ShareGPT)")
+            if m["from"] not in SHAREGPT_ROLES:
+                raise ValueError(f"message {i}: unknown ShareGPT speaker {m['from']!r}; use system, human or gpt "
+                                 "(tool and function turns cannot be trained on here: remove those lines)")
+            messages.append({"role": SHAREGPT_ROLES[m["from"]], "content": _text(m["value"], i)})
+        return messages
     if fmt == "alpaca":
         text = obj["instruction"] if not obj.get("input") else f"{obj['instruction']}\n\n{obj['input']}"
         system = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
@@ -151,11 +171,35 @@ def _to_messages(obj: dict, fmt: str) -> list[dict]:
     return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
 
 
+def _text(content, i: int) -> str:
+    """A message's text: a string as it is, OpenAI content parts joined with line breaks (vLLM's rule)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"message {i}: content must be a string or a list of text parts, "
+                         f"got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content, start=1):
+        if not isinstance(part, dict):
+            raise ValueError(f"message {i}: content part {j} is a {type(part).__name__}, not an object "
+                             "{\"type\": \"text\", \"text\": \"...\"}")
+        if part.get("type") != "text":
+            raise ValueError(f"message {i}: content part {j} has type {part.get('type')!r}; only text parts can be "
+                             "trained on (a text-only model): remove that part, or the line")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"message {i}: content part {j} is a text part without a string 'text'")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def _check_messages(messages: list[dict]) -> None:
     for i, m in enumerate(messages, start=1):
         if m["role"] not in ROLES:
             raise ValueError(f"message {i}: unknown role {m['role']!r}; use system, user or assistant")
-        if not isinstance(m["content"], str) or not m["content"].strip():
+        if not isinstance(m["content"], str):
+            raise ValueError(f"message {i} ({m['role']}): content must be a string or a list of text parts, "
+                             f"got {type(m['content']).__name__}")
+        if not m["content"].strip():
             raise ValueError(f"message {i} ({m['role']}): empty content")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant turn: there is nothing to learn from this line")

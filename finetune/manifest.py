@@ -5,8 +5,11 @@ key and inputs, the image it ran in (ID, and repo digests where the image came f
 versions of the tools that made the artifacts, start and end time, the host (CPU, GPU, engine), and the
 resolved config. `invoke verify` recomputes every hash and names any file that differs or is missing.
 
-The manifest is the record of a run, so it holds times; the artifacts themselves hold none, which is what
-makes them byte-for-byte reproducible.
+The manifest is the record of a run, so it holds times; the artifacts themselves hold none (nor the run's
+name), which is what makes them byte-for-byte reproducible. golden/<config>.json publishes the sha256 of the
+offline default's artifacts as made on any x86-64 CPU with AVX2 (finetune/numerics.py); `invoke verify
+--golden` compares a run with them and names the first artifact, in pipeline order, that differs. CI runs it,
+so every machine that runs CI proves that the build reproduces across machines.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from finetune.cache import Inputs
+from finetune.cache import Inputs, flatten
 from finetune.stage import file_sha256
 
 MANIFEST = "manifest.json"
@@ -42,15 +45,19 @@ LOCKED_PACKAGES = {
 }
 
 
-def stage_record(stage: str, image_attrs: dict, started: float, ended: float) -> dict:
-    """What the stamp and the manifest say about one stage run besides its inputs."""
-    return {
+def stage_record(stage: str, image_attrs: dict, started: float, ended: float, run_dir: Path) -> dict:
+    """What the stamp and the manifest say about one stage run besides its inputs; for train also the
+    numerical pin it ran under (CPU kernels, MKL path, threads: finetune/numerics.py, from summary.json)."""
+    record = {
         "image": {"id": image_attrs["Id"], "tags": image_attrs.get("RepoTags") or [],
                   "repo_digests": image_attrs.get("RepoDigests") or []},
         "versions": versions(stage, image_attrs),
         "started": _iso(started), "ended": _iso(ended), "seconds": round(ended - started, 1),
         "host": host(),
     }
+    if stage == "train" and (summary := run_dir / "train" / "summary.json").is_file():
+        record["numerics"] = json.loads(summary.read_text(encoding="utf-8")).get("numerics")
+    return record
 
 
 def _iso(t: float) -> str:
@@ -139,3 +146,70 @@ def verify(run_dir: Path) -> tuple[int, list[str]]:
         elif (digest := file_sha256(target)) != entry["sha256"]:
             problems.append(f"{target}: sha256 {digest[:16]}…, the manifest says {entry['sha256'][:16]}…")
     return len(entries), problems
+
+
+GOLDEN_DIR = Path("golden")
+# What the published hashes cover, in pipeline order: the merged model, every GGUF, every Modelfile.
+GOLDEN_FILES = ("train/merged/*", "convert/*.gguf", "serve/Modelfile*", "serve/models")
+# Config keys that reach no artifact: where things go and where the server listens.
+NOT_IN_ARTIFACTS = ("run", "serve.host", "serve.port", "eval", "bench")
+
+
+def golden_path(config_path: str | Path) -> Path:
+    return GOLDEN_DIR / f"{Path(config_path).stem}.json"
+
+
+def artifact_config(config: dict) -> dict:
+    """The resolved config's values that decide the artifacts' bytes (flattened)."""
+    return {k: v for k, v in flatten(config).items()
+            if not any(k == x or k.startswith(x + ".") for x in NOT_IN_ARTIFACTS)}
+
+
+def golden_files(run_dir: Path) -> dict[str, str]:
+    """{path relative to run_dir: sha256} of the files the published hashes cover, in pipeline order."""
+    return {str(p.relative_to(run_dir)): file_sha256(p)
+            for pattern in GOLDEN_FILES for p in sorted(run_dir.glob(pattern)) if p.is_file()}
+
+
+def write_golden(path: Path, config_path: str, config: dict, run_dir: Path, numerics: dict | None) -> dict:
+    """Publish the hashes of run_dir's artifacts as the golden ones for `config_path`."""
+    golden = {
+        "config": str(config_path),
+        "about": "sha256 of the offline default's artifacts, the same on every x86-64 CPU with AVX2; checked by "
+                 "`./invoke verify --golden` (CI runs it). A change meant to change them rewrites this file with "
+                 "`./invoke verify --golden --update` in the same commit, and says why in its message.",
+        "made_on": {"cpu": host()["cpu"], "avx512": " avx512f " in f" {_read('/proc/cpuinfo')} "},
+        "made_with": numerics or {},
+        "artifact_config": artifact_config(config),
+        "files": golden_files(run_dir),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(golden, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return golden
+
+
+def config_difference(golden: dict, config: dict) -> str | None:
+    """Why a run's artifacts cannot match the published hashes: its config differs from the published one in
+    keys that reach the artifacts; None when it does not."""
+    published, ours = golden["artifact_config"], artifact_config(config)
+    changed = sorted(k for k in set(published) | set(ours) if published.get(k) != ours.get(k))
+    if not changed:
+        return None
+    shown = ", ".join(f"{k}={ours.get(k)!r} (published: {published.get(k)!r})" for k in changed[:5])
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    return (f"the run's config differs from {golden['config']} where it reaches the artifacts: {shown}{more}; the "
+            "published hashes are for that config as committed")
+
+
+def compare_golden(golden: dict, run_dir: Path) -> list[str]:
+    """Every artifact that differs from the published hashes, in pipeline order (the first is the first that
+    differs); [] when all match."""
+    found = golden_files(run_dir)
+    problems = []
+    for rel, digest in golden["files"].items():
+        if rel not in found:
+            problems.append(f"{run_dir / rel}: missing (run `invoke train convert serve` first)")
+        elif found[rel] != digest:
+            problems.append(f"{run_dir / rel}: sha256 {found[rel][:16]}…, published {digest[:16]}…")
+    problems += [f"{run_dir / rel}: not in the published hashes" for rel in found if rel not in golden["files"]]
+    return problems

@@ -6,7 +6,9 @@ Runs on the host (`invoke serve`); Ollama itself runs in the serve image. Writes
     Modelfile.baseline  when serve.baseline: the base model with the same SYSTEM plus the few-shot turns
                         (MESSAGE): the prompt engineering to try before fine-tuning
     Modelfile.<QUANT>   the fine-tuned model at each other built type; `invoke eval` creates them on demand
-    models              `<model name> <Modelfile>` per line: what the container creates at start
+    models              `<model name> <Modelfile> <GGUF>` per line (paths relative to serve/): what the container
+                        creates at start. The GGUF travels here, beside the Modelfile, so that nothing reads a
+                        path back out of Modelfile text (a SYSTEM line may well begin with "FROM ").
 The Modelfiles work outside the container too: `cd artifacts/<run>/serve && ollama create NAME -f Modelfile`.
 
 The container (finetune-serve-<run>) mounts serve/ and convert/ read-only, keeps Ollama's model store in
@@ -107,16 +109,32 @@ def write_modelfiles(config: RunConfig, run_dir: Path) -> Path:
             (work / file).write_text(modelfile.render(f"../convert/{gguf}", config, turns), encoding="utf-8")
         for quant, file in other_quants(config).items():
             (work / file).write_text(modelfile.render(f"../convert/model-{quant}.gguf", config), encoding="utf-8")
-        (work / "models").write_text("".join(f"{name} {file}\n" for name, (file, _, _) in models.items()))
+        (work / "models").write_text("".join(f"{name} {file} ../convert/{gguf}\n"
+                                             for name, (file, gguf, _) in models.items()))
         for path in work.iterdir():
             path.chmod(0o644)  # readable by the container's user
     return final
 
 
+@dataclass(frozen=True)
+class ListedModel:
+    """One line of serve/models: a model the container creates, its Modelfile and its GGUF (relative paths)."""
+
+    name: str
+    modelfile: str
+    gguf: str
+
+
+def read_models(run_dir: Path) -> list[ListedModel]:
+    """The models that run_dir/serve/models lists (written by write_modelfiles)."""
+    text = (run_dir / "serve" / "models").read_text(encoding="utf-8")
+    return [ListedModel(*line.split(" ")) for line in text.splitlines() if line.strip()]
+
+
 def ensure_running(config: RunConfig, run_dir: Path, image: str, key: str) -> Served:
     """The run's serve container, healthy and serving the Modelfiles of stage key `key`: the running one when
     it already is (same key, same image), else a new one in its place."""
-    models = [line.split(" ", 1)[0] for line in (run_dir / "serve" / "models").read_text().splitlines() if line]
+    models = [m.name for m in read_models(run_dir)]
     try:
         running = containers.client().containers.get(container_name(config))
     except NotFound:

@@ -20,6 +20,8 @@ import random
 import shutil
 from pathlib import Path
 
+from finetune import numerics
+from finetune.data import read_split
 from finetune.templates import CHATML_END, CHATML_JINJA, CHATML_START, save_tokenizer
 
 GENERIC_CORPUS = Path(__file__).with_name("assets") / "generic_corpus.txt"
@@ -34,11 +36,7 @@ LAYERS = 4
 def corpus_lines(domain_files: list[Path]) -> tuple[list[str], list[str]]:
     """(generic sentences, domain texts): the message contents of the domain JSONL files."""
     generic = [x for x in GENERIC_CORPUS.read_text(encoding="utf-8").splitlines() if x.strip()]
-    domain = []
-    for path in domain_files:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                domain += [m["content"] for m in json.loads(line).get("messages", [])]
+    domain = [m["content"] for path in domain_files for e in read_split(path).examples for m in e.messages]
     return generic, domain
 
 
@@ -116,17 +114,21 @@ def build(out: Path, domain_files: list[Path], steps: int = PRETRAIN_STEPS) -> P
 
 
 def build_key(domain_files: list[Path]) -> str:
-    """What a build depends on: this code, the tokenizer saving code, the corpora and the library versions."""
+    """What a build depends on: this code, the tokenizer saving and data reading code, the corpora, the library
+    versions and the numerical pin (finetune.numerics)."""
     import sentencepiece
     import tokenizers
     import torch
     import transformers
 
     digest = hashlib.sha256()
-    for path in (Path(__file__), Path(__file__).with_name("templates.py"), GENERIC_CORPUS, *domain_files):
+    here = Path(__file__).parent
+    for path in (Path(__file__), here / "templates.py", here / "data.py", here / "numerics.py", GENERIC_CORPUS,
+                 *domain_files):
         digest.update(path.read_bytes())
     for module in (torch, transformers, tokenizers, sentencepiece):
         digest.update(f"{module.__name__}=={module.__version__}".encode())
+    digest.update(json.dumps(numerics.in_use(), sort_keys=True).encode())  # other kernels, other bytes
     return digest.hexdigest()[:16]
 
 
@@ -153,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--domain", type=Path, action="append", default=[], help="JSONL whose texts the tokenizer sees")
     parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (pinned, as train.cpu_threads)")
     args = parser.parse_args(argv)
+    numerics.record(numerics.pin(args.threads))  # the same bytes as inside the train stage
     build(args.out, args.domain, args.steps)
     print(f"tiny base model written to {args.out}")
     return 0

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from finetune import data as datasets_
+from finetune import numerics
 from finetune.config import RunConfig, to_yaml
 from finetune.stage import Stopwatch, publish, stage_main
 from finetune.templates import CHATML_END, CHATML_JINJA, chatml_spans, save_tokenizer
@@ -149,6 +150,9 @@ def lora_kwargs(config: RunConfig) -> dict:
 def train(config: RunConfig, out: Path) -> Path:
     """Fine-tune per `config` into out/train/ (see the module docstring); return that directory."""
     clock = Stopwatch()
+    # Before torch loads: the kernels, BLAS path and threads that decide the bytes (finetune/numerics.py).
+    t = config.train
+    pinned = numerics.pin(t.cpu_threads) if t.deterministic and t.pin_cpu else None
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -168,9 +172,15 @@ def train(config: RunConfig, out: Path) -> Path:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(resolved, encoding="utf-8")
+    numeric = numerics.record(pinned)
     print(f"train: {method} on {device.upper()} "
           f"({torch.cuda.get_device_name(0) if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{dtype_name}", flush=True)
+          f"{dtype_name}; CPU kernels {numeric['cpu_capability']}"
+          f"{' (pinned: train.deterministic)' if pinned else ''}", flush=True)
+    if pinned and not numeric["portable"]:
+        print("train: warning: this CPU has no AVX2 (or is not x86-64): the pinned kernels are reproducible on "
+              "machines like it, but its bytes will differ from the published hashes (invoke verify --golden)",
+              flush=True)
     torch.manual_seed(config.train.seed)
     clock.lap("start")
     source = base_model_dir(config, work)
@@ -186,7 +196,6 @@ def train(config: RunConfig, out: Path) -> Path:
     train_set = Dataset.from_dict(columns[0])
     eval_set = Dataset.from_dict(columns[1]) if len(columns) > 1 else None
 
-    t = config.train
     args = SFTConfig(
         output_dir=str(work / "checkpoints"), **sft_kwargs(config, device, dtype_name),
         full_determinism=t.deterministic and device == "cpu", per_device_eval_batch_size=t.batch_size,
@@ -223,7 +232,7 @@ def train(config: RunConfig, out: Path) -> Path:
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss, "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "train_seconds": round(time.time() - started, 3), "resumed_from": Path(last).name if last else None,
-        "peak_memory_mb": peak_memory_mb(), "parameters": parameters,
+        "peak_memory_mb": peak_memory_mb(), "parameters": parameters, "numerics": numeric,
     }
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]

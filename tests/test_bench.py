@@ -75,7 +75,8 @@ def test_bench_measures_every_stage_beside_its_baseline(tmp_path):
         assert r["ours_stats"]["median"] > 0, (stage, figure)
         if stage != "images":
             assert r["baseline_stats"]["median"] > 0 and r["ratio"] > 0, (stage, figure)
-    for variant in ("packing on", "packing off", "packing on, train.deterministic=false"):
+    for variant in ("packing on", "packing off", "packing on, train.deterministic=false",
+                    "packing on, train.pin_cpu=false"):
         assert ("train", f"training tokens/s, {variant}") in rows, rows.keys()
     assert {"train", "eval before", "save and merge"} <= set(results["profiles"]["train, packing off"])
     assert {"convert_hf_to_gguf", "llama-quantize", "checks"} <= set(results["profiles"]["convert"])

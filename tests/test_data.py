@@ -67,6 +67,27 @@ def test_bundled_eval_shares_no_question_with_train():
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "lang": "ja"},
      "unknown key 'lang'"),
     ({"text": "raw"}, "cannot tell the format from the keys (text)"),
+    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
+     "message 1: content must be a string or a list of text parts, got int"),
+    ({"messages": [{"role": "user", "content": {"text": "q"}}, {"role": "assistant", "content": "a"}]},
+     "message 1: content must be a string or a list of text parts, got dict"),
+    ({"prompt": "q", "completion": ["a"]}, "message 2 (assistant): content must be a string or a list of text parts, "
+                                            "got list"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"},
+                                                {"type": "image_url", "image_url": {"url": "x.png"}}]},
+                   {"role": "assistant", "content": "a"}]},
+     "message 1: content part 2 has type 'image_url'; only text parts can be trained on"),
+    ({"messages": [{"role": "user", "content": ["q"]}, {"role": "assistant", "content": "a"}]},
+     "message 1: content part 1 is a str, not an object"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text"}]}]},
+     "message 2: content part 1 is a text part without a string 'text'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": []}]},
+     "message 2 (assistant): empty content"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]},
+     "message 2: unknown ShareGPT speaker 'function_call'; use system, human or gpt"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"role": "assistant", "content": "a"}]},
+     "message 2 must be an object with exactly 'from' and 'value' (ShareGPT)"),
+    ({"conversations": []}, "'conversations' must be a non-empty list of {from, value} objects"),
     (conversation("q", "14日以内です", key_facts=["7日以内"]), "key fact '7日以内' does not appear in the last"),
 ])
 def test_bad_line_is_reported_with_file_and_line(tmp_path, line, expected):
@@ -140,3 +161,34 @@ def test_cli_reports_and_exits_nonzero(tmp_path, capsys):
     assert data.main(["--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert f"{train}:61: not valid JSON" in err and "nothing was written" in err
+
+
+def test_leading_byte_order_mark_is_ignored(tmp_path):
+    """Windows editors and spreadsheet exports start UTF-8 files with a BOM; the first line is still JSON."""
+    path = tmp_path / "train.jsonl"
+    path.write_bytes("\ufeff".encode() + write(tmp_path / "plain.jsonl", good_lines(2)).read_bytes())
+    split = data.read_split(path)
+    assert split.problems == [] and len(split.examples) == 2
+
+
+def test_openai_content_parts_are_joined_text(tmp_path):
+    parts = [{"type": "text", "text": "商品を返品したいです"}, {"type": "text", "text": "注文番号は123です"}]
+    path = write(tmp_path / "train.jsonl", [{"messages": [
+        {"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": "承知しました"}]}]}])
+    split = data.read_split(path)
+    assert split.problems == []
+    assert split.examples[0].messages == ({"role": "user", "content": "商品を返品したいです\n注文番号は123です"},
+                                          {"role": "assistant", "content": "承知しました"})
+
+
+def test_sharegpt_maps_speakers_to_roles(tmp_path):
+    line = {"id": "c1", "conversations": [{"from": "system", "value": "丁寧に"}, {"from": "human", "value": "送料は？"},
+                                          {"from": "gpt", "value": "全国一律550円です。"}]}
+    path = write(tmp_path / "train.jsonl", [line])
+    for fmt in ("auto", "sharegpt"):
+        split = data.read_split(path, fmt=fmt)
+        assert split.problems == []
+        assert split.examples[0].messages == ({"role": "system", "content": "丁寧に"},
+                                              {"role": "user", "content": "送料は？"},
+                                              {"role": "assistant", "content": "全国一律550円です。"})
+        assert split.examples[0].id == "c1"

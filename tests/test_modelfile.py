@@ -26,6 +26,9 @@ CARRIED = [
     "<|im_start|> and <|im_end|> as text",
     "返品承知いたしました。「注文履歴」から（14日以内）",
     "emoji 🙂 and accents: café",
+    # Lines that begin like Modelfile instructions: nothing may read them back as instructions.
+    "Be polite.\nFROM now on, answer in Japanese.\nPARAMETER stop is not a parameter\nTEMPLATE {{ .Prompt }}\n"
+    "SYSTEM also text\nMESSAGE user hi\nADAPTER ./adapter.gguf\nFROM ../convert/base-Q8_0.gguf",
 ]
 REFUSED = [
     ("全角\u3000スペース", "character 3 is U+3000 (IDEOGRAPHIC SPACE), which Ollama's Modelfile parser silently drops",

@@ -140,7 +140,8 @@ CONVERSATIONS = [
     [{"role": "user", "content": "送料は？"}, {"role": "assistant", "content": "お客様負担です。"},
      {"role": "user", "content": "着払いでも\n\"いい\"ですか？"}],
 ]
-FEW_SHOT = [{"user": 'quote " and """ and \\ here', "assistant": "一行目\n二行目"}]
+FEW_SHOT = [{"user": 'quote " and """ and \\ here', "assistant": "一行目\n二行目"},
+            {"user": "FROM which address?\nMESSAGE assistant no", "assistant": "FROM ./model.gguf\nSYSTEM x\nADAPTER y"}]
 
 
 def go_unquote(quoted: str) -> str:
@@ -171,7 +172,7 @@ def test_ollama_renders_prompts_as_the_hf_chat_template_and_reads_every_text_bac
             update={"system_prompt": system, "few_shot": [FewShot(**s) for s in shots]})})
         turns = modelfile.few_shot_turns(cfg)
         (tmp_path / f"{name}.Modelfile").write_text(modelfile.render("./model.gguf", cfg, turns), encoding="utf-8")
-    (tmp_path / "models").write_text("".join(f"{name} {name}.Modelfile\n" for name, _, _ in cases))
+    (tmp_path / "models").write_text("".join(f"{name} {name}.Modelfile model.gguf\n" for name, _, _ in cases))
     for path in tmp_path.iterdir():
         path.chmod(0o644)
     tmp_path.chmod(0o755)
@@ -229,7 +230,9 @@ def test_modelfiles_are_written_with_the_models_list(served):
     out = run_dir(run) / "serve"
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "Modelfile.baseline", "Modelfile.f16", "models"]
     assert "FROM ../convert/model-f16.gguf" in (out / "Modelfile.f16").read_text()
-    assert (out / "models").read_text() == ("sakura-support-tiny Modelfile\n"
-                                            "sakura-support-tiny-baseline Modelfile.baseline\n")
+    assert (out / "models").read_text() == ("sakura-support-tiny Modelfile ../convert/model-Q8_0.gguf\n"
+                                            "sakura-support-tiny-baseline Modelfile.baseline ../convert/base-Q8_0.gguf\n")
+    assert [m.gguf for m in serve.read_models(run_dir(run))] == ["../convert/model-Q8_0.gguf",
+                                                                 "../convert/base-Q8_0.gguf"]
     assert "FROM ../convert/model-Q8_0.gguf" in (out / "Modelfile").read_text()
     assert Path(out / "../convert/base-Q8_0.gguf").resolve().is_file()

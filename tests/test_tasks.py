@@ -34,3 +34,61 @@ def test_ci_workflow_runs_only_commands_the_readme_documents():
     for command in commands:
         for part in command.split(" && "):
             assert part in readme, f"{part!r} is run by CI but not documented in README.md"
+
+
+def context(local_base) -> "invoke.Context":  # noqa: F821
+    from invoke import Config, Context
+
+    import tasks
+
+    config = Config(defaults=tasks.ns.configuration())
+    config.finetune.local_base = local_base
+    return Context(config)
+
+
+def test_without_a_registry_the_local_base_is_chosen_and_said_in_one_line(monkeypatch, capsys):
+    import tasks
+
+    asked = []
+    monkeypatch.setattr(tasks.containers, "cannot_pull", lambda image: asked.append(image) or "docker.io did not answer")
+    assert tasks.local_base_reason(context("auto"), "train") == "cannot pull nvidia/cuda:13.0.2-base-ubuntu24.04"
+    assert capsys.readouterr().err == ("train: cannot pull nvidia/cuda:13.0.2-base-ubuntu24.04 (docker.io did not "
+                                       "answer); building FROM the local base instead (INVOKE_FINETUNE_LOCAL_BASE=1 "
+                                       "or 0 forces either way)\n")
+    assert tasks.local_base_reason(context("auto"), "serve") == "cannot pull ollama/ollama:0.24.0"
+    assert tasks.local_base_reason(context("1"), "train") == "finetune.local_base is set"
+    assert tasks.local_base_reason(context(True), "convert") == "finetune.local_base is set"
+    assert tasks.local_base_reason(context("0"), "train") is None
+    assert asked == ["nvidia/cuda:13.0.2-base-ubuntu24.04", "ollama/ollama:0.24.0"], "forced settings ask nothing"
+
+
+def test_neither_a_registry_nor_a_local_base_names_both_and_the_fixes(monkeypatch):
+    """The neighbours (the registry probe, debootstrap) stand in; the wording is the task's own."""
+    import pytest
+    from invoke import Exit
+
+    import tasks
+    from finetune.containers import ContainerError
+
+    def no_debootstrap(tag, mirror):
+        raise ContainerError("debootstrap is not installed: `sudo apt-get install -y debootstrap`")
+
+    monkeypatch.setattr(tasks.containers, "cannot_pull", lambda image: "docker.io did not answer")
+    monkeypatch.setattr(tasks.containers, "image_exists", lambda tag: False)
+    monkeypatch.setattr(tasks.baseimage, "build_base", no_debootstrap)
+    with pytest.raises(Exit) as failed:
+        tasks.stage_image(context("auto"), "train")
+    assert failed.value.message.startswith(
+        "train: cannot pull nvidia/cuda:13.0.2-base-ubuntu24.04, and the local base cannot be built either: "
+        "images.base: debootstrap is not installed: `sudo apt-get install -y debootstrap`\nFix one of them: make the "
+        "registry reachable for the Docker engine, or build the local base as root (`sudo ./invoke images.base`")
+
+
+def test_an_unknown_local_base_setting_is_refused_with_the_choices():
+    import pytest
+    from invoke import Exit
+
+    import tasks
+
+    with pytest.raises(Exit, match="finetune.local_base='maybe': use auto, 1"):
+        tasks.local_base_reason(context("maybe"), "train")

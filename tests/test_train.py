@@ -48,6 +48,10 @@ def test_train_tiny_on_cpu_beats_the_base_model(fresh_run):
     done = invoke_train(fresh_run, "train.max_steps=60", "train.logging_steps=20", env={"HF_TOKEN": "hf_notareal1234"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "running finetune-train:latest on CPU (no NVIDIA runtime found)" in done.stdout
+    assert "CPU kernels AVX2 (pinned: train.deterministic)" in done.stdout
+    upstream = containers.dockerfile_default(ROOT / "Dockerfile.train", "BASE_IMAGE")
+    if containers.cannot_pull(upstream) is not None:  # as on CI: README's command works without the prefix
+        assert f"train: cannot pull {upstream} (" in done.stderr and "building FROM the local base" in done.stderr
     out = ROOT / "artifacts" / fresh_run / "train"
     for name in ("adapter/adapter_config.json", "merged/config.json", "merged/tokenizer.json",
                  "merged/tokenizer.model", "merged/chat_template.jinja", "metrics.jsonl", "loss.png", "config.yaml"):
@@ -55,6 +59,10 @@ def test_train_tiny_on_cpu_beats_the_base_model(fresh_run):
     assert not (out.parent / ".train.partial").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["device"] == "cpu" and summary["precision"] == "fp32"
+    assert summary["numerics"]["environment"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert summary["numerics"]["threads"] == 2 and summary["numerics"]["portable"]
+    record = json.loads((out.parent / "manifest.json").read_text())["stages"]["train"]
+    assert record["numerics"] == summary["numerics"]
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [20, 40, 60]
     assert all(m["peak_memory_mb"] > 0 for m in metrics) and metrics[-1]["tokens_per_s"] > 0

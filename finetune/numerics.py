@@ -1,0 +1,98 @@
+"""One result on every machine: pin the CPU numerical paths that choose their code by the machine they run on.
+
+PyTorch on x86-64 picks its kernels at run time. ATen's vectorized kernels (softmax, norms, the optimizer's
+element-wise math, reductions) come in DEFAULT, AVX2 and AVX-512 builds chosen by the CPU; MKL, torch's BLAS
+for fp32 matmuls, chooses a code path by instruction set too, and so does oneDNN; and parallel kernels split
+their sums by the number of threads. Each choice changes the order in which floats are added, so the same
+training gives other bytes on a CPU with AVX-512 than on one with AVX2 (measured, issue 14: the merged
+model's sha256 changed with ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine).
+
+`pin()` fixes all of them, in this process, before torch is imported, whatever the environment says:
+
+    ATEN_CPU_CAPABILITY=avx2          ATen's kernels: the AVX2 build on every x86-64 CPU that has AVX2
+    MKL_CBWR=AVX2,STRICT              MKL's conditional numerical reproducibility: the AVX2 code path, and
+                                      strict mode (gemm results that do not depend on the thread count)
+    MKL_ENABLE_INSTRUCTIONS=AVX2      no newer MKL kernels either
+    ONEDNN_MAX_CPU_ISA=AVX2           oneDNN (used for bf16 and some fp32 paths)
+    OMP_NUM_THREADS, MKL_NUM_THREADS  the thread count (train.cpu_threads), also set with torch.set_num_threads
+
+So every x86-64 machine with AVX2 (Intel since 2013, AMD since 2015) trains the same bytes; `record()` says
+what torch really used, for summary.json and the manifest. A CPU without AVX2 gets the DEFAULT kernels and
+MKL's COMPATIBLE path (forcing AVX2 there would stop at the first illegal instruction): reproducible among
+such machines, not equal to the published hashes, and the stage says so. On arm64 there is no MKL and ATen's
+base build is NEON ("default"): runs agree with each other on the same torch build, not with x86-64.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+AVX2 = "avx2"
+DEFAULT = "default"
+
+
+def has_avx2() -> bool:
+    """Whether this x86-64 CPU has AVX2 and FMA (what ATen's AVX2 kernels need), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx2" in flags and "fma" in flags
+
+
+def settings(threads: int, machine: str | None = None, avx2: bool | None = None) -> dict[str, str]:
+    """The environment that pins the numerics of this machine (see the module docstring)."""
+    machine = machine or platform.machine()
+    pinned = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if machine not in ("x86_64", "AMD64"):
+        return {**pinned, "ATEN_CPU_CAPABILITY": DEFAULT}
+    if avx2 is None:
+        avx2 = has_avx2()
+    isa = "AVX2" if avx2 else None
+    return {**pinned, "ATEN_CPU_CAPABILITY": AVX2 if avx2 else DEFAULT,
+            "MKL_CBWR": f"{isa},STRICT" if isa else "COMPATIBLE", "MKL_ENABLE_INSTRUCTIONS": isa or "SSE4_2",
+            "ONEDNN_MAX_CPU_ISA": isa or "SSE41"}
+
+
+def pin(threads: int) -> dict[str, str]:
+    """Set `settings(threads)` in this process's environment, replacing what was there; return them.
+    Must run before torch is imported: ATen, MKL and OpenMP read these once, when they start."""
+    if "torch" in sys.modules:
+        raise RuntimeError("finetune.numerics.pin() must run before torch is imported")
+    pinned = settings(threads)
+    os.environ.update(pinned)
+    return pinned
+
+
+def in_use() -> dict:
+    """The numerical setup torch runs with now (after it is imported): what decides the bytes."""
+    import torch
+
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "mkl": torch.backends.mkl.is_available(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        "machine": platform.machine(),
+    }
+
+
+def record(pinned: dict[str, str] | None) -> dict:
+    """What torch uses now beside the pin (None: not pinned), for summary.json and the manifest. Call after
+    importing torch; sets torch's thread count to the pinned one."""
+    import torch
+
+    if pinned is not None:
+        torch.set_num_threads(int(pinned["OMP_NUM_THREADS"]))
+    return {
+        "pinned": pinned is not None,
+        "environment": pinned or {},
+        **in_use(),
+        # x86-64 with AVX2, pinned: the bytes every such machine gives, which golden/ publishes
+        "portable": pinned is not None and pinned.get("ATEN_CPU_CAPABILITY") == AVX2,
+    }
