@@ -116,6 +116,7 @@ class Bench:
         self.profiles: dict[str, dict[str, float]] = {}
         self.details: dict = {}
         self.baseline_walls: dict[str, float] = {}  # median wall time of each plain tool, for the pipeline
+        self.train_rates: dict[str, list[float]] = {}  # tokens/s samples of each training variant
         self._logs = 0
 
     # ---- helpers ----
@@ -193,6 +194,11 @@ class Bench:
         packing = self.config.train.packing
         for packed in (not packing, packing):  # the config's own setting last: the run stays as configured
             self.train_variant(chats, packed)
+        for variant, what in (("train.deterministic=false", "byte-reproducible training (train.deterministic)"),
+                              ("train.pin_cpu=false", "the numerical pin (train.pin_cpu)")):
+            if (off := self.train_rates.get(f"packing on, {variant}")) is not None:
+                self.add(Row("train", f"training tokens/s with {what}, packing on", "tok/s",
+                             self.train_rates["packing on"], f"the same stage with {variant}", off, True))
 
     def train_stage(self, extra: tuple[str, ...]) -> tuple[float, dict]:
         wall = self.invoke(["train"], extra, force=True)
@@ -221,6 +227,7 @@ class Bench:
         self.add(Row("train", f"wall time of `invoke train`, {label}", "s", ours["wall"],
                      f"{name} (docker run)", plain["wall"]))
         self.profile(f"train, {label}", ours["phases"])
+        self.train_rates[label] = ours["tps"]
         self.baseline_walls[f"train, {label}"] = statistics.median(plain["wall"])
         summary = ours["summary"][-1]
         if summary["device"] == "cuda" and not packed and variant is None:

@@ -78,6 +78,8 @@ def test_bench_measures_every_stage_beside_its_baseline(tmp_path):
     for variant in ("packing on", "packing off", "packing on, train.deterministic=false",
                     "packing on, train.pin_cpu=false"):
         assert ("train", f"training tokens/s, {variant}") in rows, rows.keys()
+    for cost in ("byte-reproducible training (train.deterministic)", "the numerical pin (train.pin_cpu)"):
+        assert rows[("train", f"training tokens/s with {cost}, packing on")]["baseline_name"].startswith("the same stage")
     assert {"train", "eval before", "save and merge"} <= set(results["profiles"]["train, packing off"])
     assert {"convert_hf_to_gguf", "llama-quantize", "checks"} <= set(results["profiles"]["convert"])
     serve = results["details"]["serve"]
