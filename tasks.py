@@ -298,6 +298,7 @@ def stage_image(c: Context, stage: str) -> str:
 
 
 UPSTREAM_ARG = {"train": "BASE_IMAGE", "convert": "BASE_IMAGE", "serve": "OLLAMA_IMAGE"}
+_cannot_pull: dict[str, str | None] = {}  # stage -> why its upstream image cannot be pulled: asked and said once
 LOCAL_BASE_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
@@ -311,17 +312,21 @@ def local_base_reason(c: Context, stage: str) -> str | None:
             raise Exit(f"finetune.local_base={c.finetune.local_base!r}: use auto, 1 (build FROM the local base) or "
                        "0 (pull the upstream base), e.g. INVOKE_FINETUNE_LOCAL_BASE=1", code=2)
         return "finetune.local_base is set" if LOCAL_BASE_VALUES[setting] else None
+    if stage in _cannot_pull:
+        return _cannot_pull[stage]
     try:
         upstream = containers.dockerfile_default(f"Dockerfile.{stage}", UPSTREAM_ARG[stage])
         why = containers.cannot_pull(upstream)
     except containers.ContainerError as e:
         raise Exit(f"{stage}: {e}", code=2) from e
     if why is None:
+        _cannot_pull[stage] = None
         return None
     instead = "Ollama from source" if stage == "serve" else "FROM the local base"
     print(f"{stage}: cannot pull {upstream} ({why}); building {instead} instead "
           "(INVOKE_FINETUNE_LOCAL_BASE=1 or 0 forces either way)", file=sys.stderr, flush=True)
-    return f"cannot pull {upstream}"
+    _cannot_pull[stage] = f"cannot pull {upstream}"
+    return _cannot_pull[stage]
 
 
 @task(help={"tag": "image tag (default: finetune.base_image)", "mirror": "Debian archive URL (default: the host's)",

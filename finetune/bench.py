@@ -191,8 +191,7 @@ class Bench:
             self.train_variant(chats, True, "train.deterministic=false")
         if t.deterministic and t.pin_cpu:
             self.train_variant(chats, True, "train.pin_cpu=false")
-        packing = self.config.train.packing
-        for packed in (not packing, packing):  # the config's own setting last: the run stays as configured
+        for packed in (not t.packing, t.packing):  # the config's own setting last: the run stays as configured
             self.train_variant(chats, packed)
         for variant, what in (("train.deterministic=false", "byte-reproducible training (train.deterministic)"),
                               ("train.pin_cpu=false", "the numerical pin (train.pin_cpu)")):

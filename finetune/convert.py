@@ -16,8 +16,8 @@ Reads OUT/train/merged/ (read-only); writes OUT/convert/:
     config.yaml              the resolved config
 Each check must pass: the file loads in llama-cpp-python (built from the same llama.cpp source), has the
 expected architecture, the training chat template and <|im_end|> as end of turn, and a greedy answer
-stops by itself (convert.require_stop). Work happens in OUT/.convert.partial/ and moves to OUT/convert/ only when all is done;
-on failure nothing is left behind.
+stops by itself (convert.require_stop). Work happens in OUT/.convert.partial/ and moves to OUT/convert/ only
+when all is done; on failure nothing is left behind.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from finetune.cache import Inputs, flatten
+from finetune.numerics import cpu_flags
 from finetune.stage import file_sha256
 
 MANIFEST = "manifest.json"
@@ -178,7 +179,7 @@ def write_golden(path: Path, config_path: str, config: dict, run_dir: Path, nume
         "about": "sha256 of the offline default's artifacts, the same on every x86-64 CPU with AVX2; checked by "
                  "`./invoke verify --golden` (CI runs it). A change meant to change them rewrites this file with "
                  "`./invoke verify --golden --update` in the same commit, and says why in its message.",
-        "made_on": {"cpu": host()["cpu"], "avx512": " avx512f " in f" {_read('/proc/cpuinfo')} "},
+        "made_on": {"cpu": host()["cpu"], "avx512": "avx512f" in cpu_flags()},
         "made_with": numerics or {},
         "artifact_config": artifact_config(config),
         "files": golden_files(run_dir),

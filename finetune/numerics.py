@@ -34,14 +34,18 @@ AVX2 = "avx2"
 DEFAULT = "default"
 
 
-def has_avx2() -> bool:
-    """Whether this x86-64 CPU has AVX2 and FMA (what ATen's AVX2 kernels need), from /proc/cpuinfo."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (avx2, fma, avx512f, ...) from /proc/cpuinfo; empty where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx2" in flags and "fma" in flags
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def has_avx2() -> bool:
+    """Whether this x86-64 CPU has AVX2 and FMA (what ATen's AVX2 kernels need)."""
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 def settings(threads: int, machine: str | None = None, avx2: bool | None = None) -> dict[str, str]:

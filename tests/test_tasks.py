@@ -50,16 +50,20 @@ def test_without_a_registry_the_local_base_is_chosen_and_said_in_one_line(monkey
     import tasks
 
     asked = []
+    monkeypatch.setattr(tasks, "_cannot_pull", {})
     monkeypatch.setattr(tasks.containers, "cannot_pull", lambda image: asked.append(image) or "docker.io did not answer")
     assert tasks.local_base_reason(context("auto"), "train") == "cannot pull nvidia/cuda:13.0.2-base-ubuntu24.04"
     assert capsys.readouterr().err == ("train: cannot pull nvidia/cuda:13.0.2-base-ubuntu24.04 (docker.io did not "
                                        "answer); building FROM the local base instead (INVOKE_FINETUNE_LOCAL_BASE=1 "
                                        "or 0 forces either way)\n")
     assert tasks.local_base_reason(context("auto"), "serve") == "cannot pull ollama/ollama:0.24.0"
+    assert "building Ollama from source instead" in capsys.readouterr().err
     assert tasks.local_base_reason(context("1"), "train") == "finetune.local_base is set"
     assert tasks.local_base_reason(context(True), "convert") == "finetune.local_base is set"
     assert tasks.local_base_reason(context("0"), "train") is None
-    assert asked == ["nvidia/cuda:13.0.2-base-ubuntu24.04", "ollama/ollama:0.24.0"], "forced settings ask nothing"
+    assert tasks.local_base_reason(context("auto"), "train") == "cannot pull nvidia/cuda:13.0.2-base-ubuntu24.04"
+    assert capsys.readouterr().err == "", "said once"
+    assert asked == ["nvidia/cuda:13.0.2-base-ubuntu24.04", "ollama/ollama:0.24.0"], "asked once; forced: not at all"
 
 
 def test_neither_a_registry_nor_a_local_base_names_both_and_the_fixes(monkeypatch):
@@ -73,6 +77,7 @@ def test_neither_a_registry_nor_a_local_base_names_both_and_the_fixes(monkeypatc
     def no_debootstrap(tag, mirror):
         raise ContainerError("debootstrap is not installed: `sudo apt-get install -y debootstrap`")
 
+    monkeypatch.setattr(tasks, "_cannot_pull", {})
     monkeypatch.setattr(tasks.containers, "cannot_pull", lambda image: "docker.io did not answer")
     monkeypatch.setattr(tasks.containers, "image_exists", lambda tag: False)
     monkeypatch.setattr(tasks.baseimage, "build_base", no_debootstrap)
