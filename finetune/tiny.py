@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import random
@@ -46,16 +47,16 @@ def train_tokenizer(lines: list[str], out: Path) -> None:
     from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    text = out / "spm-input.txt"
-    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # From memory to memory: trained from a file, the model records that file's path and its own output path
+    # (trainer_spec.input, model_prefix), and so differed with the build directory (a cache key, a pid).
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(out / "tokenizer"), model_type="bpe", vocab_size=VOCAB_SIZE,
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=VOCAB_SIZE,
         character_coverage=0.9995, byte_fallback=True, user_defined_symbols=[CHATML_START, CHATML_END],
         add_dummy_prefix=False, split_digits=False, num_threads=1, shuffle_input_sentence=False,
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
     )
-    text.unlink()
-    (out / "tokenizer.vocab").unlink()
+    (out / "tokenizer.model").write_bytes(model.getvalue())
     # transformers 5 builds a broken vocabulary from LlamaTokenizer(vocab_file=...); loading the directory
     # through AutoTokenizer with a tokenizer_config.json works (and needs protobuf).
     (out / "tokenizer_config.json").write_text(json.dumps({
