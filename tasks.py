@@ -31,11 +31,14 @@ from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
 
-from finetune import baseimage, cache, containers, evaluate, manifest
 from finetune import bench as bench_
-from finetune import data as data_stage
-from finetune import serve as serve_stage
-from finetune.config import ConfigError, RunConfig, load_config, to_yaml
+from finetune.core import data as data_stage
+from finetune.core import layout
+from finetune.core.config import ConfigError, RunConfig, load_config, to_yaml
+from finetune.evaluation import evaluate
+from finetune.host import baseimage, cache, containers, manifest
+from finetune.serve import modelfiles
+from finetune.serve import server as serve_stage
 
 CONFIG_HELP = "run config (YAML); default: finetune.config (configs/tiny-ja.yaml)"
 SET_HELP = "override one key, e.g. --set train.max_steps=20 (repeatable)"
@@ -63,11 +66,12 @@ def train(c: Context, config: str | None = None, set_: list[str] | None = None, 
     def work(run_dir: Path) -> None:
         gpus = containers.has_gpu()
         print(f"train: {cfg.run}: running {image} on {'GPU (--gpus all)' if gpus else 'CPU (no NVIDIA runtime found)'}")
-        env = {"HF_HUB_OFFLINE": "1"} if cfg.model.id.startswith("builtin:") else {}
+        env = {"HF_HUB_OFFLINE": "1"} if layout.is_builtin(cfg.model.id) else {}
         if os.environ.get("HF_TOKEN"):
             env["HF_TOKEN"] = os.environ["HF_TOKEN"]  # at run time only: never in a layer, a log or an artifact
-        code = run_stage(image, cfg, [containers.Mount(run_dir, "/artifacts", read_only=False)], name="train",
-                         env=env, gpus=gpus, named_volumes={"finetune-hf-cache": "/cache/hf"})
+        code = run_stage(image, cfg, [containers.Mount(run_dir, layout.CONTAINER_RUN_DIR, read_only=False)],
+                         name="train", env=env, gpus=gpus,
+                         named_volumes={layout.HF_CACHE_VOLUME: layout.HF_CACHE_MOUNT})
         if code != 0:
             raise Exit(f"train: the train container exited with {code}; rerun `invoke train` to resume from the "
                        "last checkpoint", code=code)
@@ -85,12 +89,13 @@ def convert(c: Context, config: str | None = None, set_: list[str] | None = None
     image = stage_image(c, "convert")
 
     def work(run_dir: Path) -> None:
-        merged = sum(p.stat().st_size for p in (run_dir / "train" / "merged").glob("*.safetensors"))
+        train_dir = layout.stage_dir(run_dir, "train")
+        merged = sum(p.stat().st_size for p in (train_dir / layout.MERGED).glob("*.safetensors"))
         copies = 1 + cfg.serve.baseline + 0.6 * (len(cfg.convert.quant_types) + cfg.serve.baseline)
         cache.check_space(run_dir, int(merged * copies), "convert")
-        mounts = [containers.Mount(run_dir, "/artifacts", read_only=False)]
-        if (run_dir / "train").is_dir():  # else the stage reports the missing model (docker would create the dir)
-            mounts.append(containers.Mount(run_dir / "train", "/artifacts/train"))
+        mounts = [containers.Mount(run_dir, layout.CONTAINER_RUN_DIR, read_only=False)]
+        if train_dir.is_dir():  # else the stage reports the missing model (docker would create the dir)
+            mounts.append(containers.Mount(train_dir, f"{layout.CONTAINER_RUN_DIR}/train"))
         code = run_stage(image, cfg, mounts, name="convert")
         if code != 0:
             raise Exit(f"convert: the convert container exited with {code}", code=code)
@@ -103,23 +108,23 @@ def serve(c: Context, config: str | None = None, set_: list[str] | None = None, 
     """Serve the converted model with Ollama, detached: writes artifacts/<run>/serve/ (Modelfiles) and starts
     the serve container; prints the URL and the model names once they answer. Running it again replaces it."""
     cfg = load(c, config, set_)
-    run_dir = Path("artifacts") / cfg.run
+    run_dir = layout.run_dir(cfg.run)
     try:
-        serve_stage.check_inputs(cfg, run_dir)  # before building anything
-    except serve_stage.ServeError as e:
+        modelfiles.check_inputs(cfg, run_dir)  # before building anything
+    except modelfiles.ServeError as e:
         raise Exit(f"serve: {e}", code=2) from e
     image = stage_image(c, "serve")
 
     def work(run_dir: Path) -> None:
         try:
-            print(f"serve: Modelfiles in {serve_stage.write_modelfiles(cfg, run_dir)}")
-        except serve_stage.ServeError as e:
+            print(f"serve: Modelfiles in {modelfiles.write_modelfiles(cfg, run_dir)}")
+        except modelfiles.ServeError as e:
             raise Exit(f"serve: {e}", code=2) from e
 
     key = cached_stage(c, cfg, "serve", image, work, force)
     try:
         served = serve_stage.ensure_running(cfg, run_dir, image, key)
-    except serve_stage.ServeError as e:
+    except modelfiles.ServeError as e:
         raise Exit(f"serve: {e}", code=2) from e
     print(f"serve: Ollama {served.version} at {served.url} (container {served.container}); "
           f"models: {', '.join(served.models)}")
@@ -130,7 +135,7 @@ def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force
     """Run `work(run_dir)` unless the stage is up to date; then stamp it and record it in the manifest.
     Prints one line saying which and why; returns the stage's key. Outputs of the stage before it that
     have no stamp (an interrupted or killed run) are refused."""
-    run_dir = Path("artifacts") / cfg.run
+    run_dir = layout.run_dir(cfg.run)
     try:
         with cache.run_lock(run_dir):
             image_attrs = containers.client().images.get(image).attrs
@@ -140,7 +145,7 @@ def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force
                 print(f"{stage}: up to date (key {inputs.key[:12]})")
                 return inputs.key
             print(f"{stage}: rerun, because {reason}")
-            before = cache.UPSTREAM[stage]
+            before = cache.STAGES[stage].upstream
             if before is not None and cache.read_stamp(run_dir, before) is None and (run_dir / before).is_dir():
                 raise Exit(f"{stage}: {run_dir}/{before}/ is not complete (no stamp): run `invoke {before}` first",
                            code=2)
@@ -160,7 +165,7 @@ def eval(c: Context, config: str | None = None, set_: list[str] | None = None) -
     """Ask the served baseline and fine-tuned models (every quant) the eval questions and measure them;
     writes artifacts/<run>/eval/ (results.json, report.md, report.html). Exits 1 if an eval.gate fails."""
     cfg = load(c, config, set_)
-    run_dir = Path("artifacts") / cfg.run
+    run_dir = layout.run_dir(cfg.run)
     try:
         results = evaluate.evaluate(cfg, run_dir)
     except evaluate.EvalError as e:
@@ -182,7 +187,7 @@ def bench(c: Context, config: str | None = None, set_: list[str] | None = None, 
     images += [c.finetune.ollama_image, c.finetune.base_image] if local_base_reason(c, "serve") else []
     try:
         results = bench_.run(cfg, config or c.finetune.config, set_ or [], Path(out) if out else None, images)
-    except (bench_.BenchError, serve_stage.ServeError) as e:
+    except (bench_.BenchError, modelfiles.ServeError) as e:
         raise Exit(f"bench: {e}", code=1) from e
     print(bench_.markdown(results))
 
@@ -197,7 +202,7 @@ def verify(c: Context, config: str | None = None, set_: list[str] | None = None,
     """Recheck every artifact of the run against artifacts/<run>/manifest.json (size and sha256); with --golden,
     against the published hashes too, naming the first artifact that differs."""
     cfg = load(c, config, set_)
-    run_dir = Path("artifacts") / cfg.run
+    run_dir = layout.run_dir(cfg.run)
     checked, problems = manifest.verify(run_dir)
     for p in problems:
         print(f"verify: {p}", file=sys.stderr)
@@ -209,7 +214,7 @@ def verify(c: Context, config: str | None = None, set_: list[str] | None = None,
     config_path = config or c.finetune.config
     path = manifest.golden_path(config_path)
     if update:
-        summary = json.loads((run_dir / "train" / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads((layout.stage_dir(run_dir, "train") / layout.SUMMARY).read_text(encoding="utf-8"))
         published = manifest.write_golden(path, config_path, cfg.model_dump(mode="json"), run_dir, summary.get("numerics"))
         print(f"verify: published the hashes of {len(published['files'])} files to {path}")
         return
@@ -236,7 +241,7 @@ def chat(c: Context, question: str, config: str | None = None, set_: list[str] |
     cfg = load(c, config, set_)
     try:
         serve_stage.chat(cfg, question, baseline=baseline)
-    except serve_stage.ServeError as e:
+    except modelfiles.ServeError as e:
         raise Exit(f"chat: {e}", code=1) from e
 
 
@@ -254,9 +259,9 @@ def run_stage(image: str, cfg: RunConfig, mounts: list[containers.Mount], name: 
         resolved.write(to_yaml(cfg))
         resolved.flush()
         os.chmod(resolved.name, 0o644)  # readable by the container's non-root user
-        mounts = [containers.Mount(Path(resolved.name), "/work/run.yaml"), *data_mounts(cfg), *mounts]
-        return containers.run(image, ["--config", "/work/run.yaml", "--out", "/artifacts"], mounts,
-                              name=f"finetune-{name}-{cfg.run}", **kwargs)
+        mounts = [containers.Mount(Path(resolved.name), layout.CONTAINER_CONFIG), *containers.data_mounts(cfg), *mounts]
+        return containers.run(image, ["--config", layout.CONTAINER_CONFIG, "--out", layout.CONTAINER_RUN_DIR], mounts,
+                              name=layout.container_name(name, cfg.run), **kwargs)
 
 
 def load(c: Context, config: str | None, overrides: list[str] | None) -> RunConfig:
@@ -267,15 +272,10 @@ def load(c: Context, config: str | None, overrides: list[str] | None) -> RunConf
         raise Exit(str(e), code=2) from e
 
 
-def data_mounts(cfg: RunConfig) -> list[containers.Mount]:
-    """The config's data files, read-only, at the same relative paths under the container's /work."""
-    paths = [Path(p) for p in (cfg.data.train, cfg.data.eval) if p]
-    return [containers.Mount(p, str(p if p.is_absolute() else Path("/work") / p)) for p in paths]
-
-
-def stage_image(c: Context, stage: str) -> str:
+def stage_image(c: Context, stage: str, context: str = ".", tag: str | None = None) -> str:
     """Build Dockerfile.<stage> as finetune-<stage>:latest (the layer cache makes an unchanged build fast),
-    FROM the local base image (serve: the Ollama built from source) when `local_base_reason` gives one."""
+    FROM the local base image (serve: the Ollama built from source) when `local_base_reason` gives one.
+    (`context` and `tag`: a test builds a copy of the tree.)"""
     args = {}
     if (why := local_base_reason(c, stage)) is not None:
         try:
@@ -289,9 +289,9 @@ def stage_image(c: Context, stage: str) -> str:
             raise Exit(f"{stage}: {why}, and the local base cannot be built either: {e.message}\nFix one of them: "
                        "make the registry reachable for the Docker engine, or build the local base as root "
                        "(`sudo ./invoke images.base`, which needs debootstrap)", code=e.code) from e
-    tag = f"finetune-{stage}:latest"
+    tag = tag or layout.image_tag(stage)
     try:
-        containers.build(f"Dockerfile.{stage}", tag, args)
+        containers.build(str(Path(context) / f"Dockerfile.{stage}"), tag, args, context=context)
     except containers.ContainerError as e:
         raise Exit(f"{stage}: {e}") from e
     return tag

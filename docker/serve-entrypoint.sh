@@ -1,7 +1,10 @@
 #!/bin/sh
-# The serve image's entrypoint: start `ollama serve`, create every model listed in MODELS_FILE from its
-# Modelfile, then keep serving. `finetune-serve health` is the HEALTHCHECK: healthy only once every listed
-# model exists. Each line of MODELS_FILE is `<model name> <Modelfile> <GGUF>`, paths relative to MODELS_FILE's
+# The serve image's entrypoint, and the one place that creates models and decides readiness:
+#   finetune-serve                          start `ollama serve`, create every model listed in MODELS_FILE, serve
+#   finetune-serve health                   the HEALTHCHECK (and `invoke serve`'s readiness check): ready once
+#                                           this container has created every listed model and each one exists
+#   finetune-serve create NAME MODELFILE GGUF   create one more model (`invoke eval`: the other built types)
+# Each line of MODELS_FILE is `<model name> <Modelfile> <GGUF>`, paths relative to MODELS_FILE's
 # directory: the GGUF is named here rather than read back out of the Modelfile, whose SYSTEM or MESSAGE text
 # may hold a line that begins with "FROM ".
 # A restart creates the models again: the same Modelfile gives the same model (its blobs are reused).
@@ -14,6 +17,20 @@ models() {
     grep -v '^[[:space:]]*\(#\|$\)' "$MODELS_FILE"
 }
 
+# create NAME MODELFILE GGUF: `ollama create`, paths relative to MODELS_FILE's directory.
+create() {
+    echo "serve: creating $1 from $2"
+    # A FROM path that does not exist makes `ollama create` try to pull a model of that name instead.
+    if [ -z "$3" ] || [ ! -f "$(dirname "$MODELS_FILE")/$3" ]; then
+        echo "serve: $MODELS_FILE: $1: GGUF ${3:-(none listed)}: no such file (run \`invoke convert\`, then \`invoke serve\`)" >&2
+        return 1
+    fi
+    if ! (cd "$(dirname "$MODELS_FILE")" && ollama create "$1" -f "$2"); then
+        echo "serve: \`ollama create $1 -f $2\` failed" >&2
+        return 1
+    fi
+}
+
 if [ "${1:-}" = health ]; then
     # The store is a volume shared by runs: a model of the same name may exist before this container has
     # created its own, so healthy also needs this container's creates to have finished.
@@ -21,6 +38,12 @@ if [ "${1:-}" = health ]; then
     models | while read -r name _; do
         ollama show "$name" >/dev/null 2>&1 || exit 1
     done
+    exit
+fi
+
+if [ "${1:-}" = create ]; then
+    shift
+    create "${1:-}" "${2:-}" "${3:-}"
     exit
 fi
 
@@ -48,18 +71,8 @@ until ollama list >/dev/null 2>&1; do
     sleep 0.1
 done
 
-cd "$(dirname "$MODELS_FILE")"
 models | while read -r name modelfile gguf; do
-    echo "serve: creating $name from $modelfile"
-    # A FROM path that does not exist makes `ollama create` try to pull a model of that name instead.
-    if [ -z "$gguf" ] || [ ! -f "$gguf" ]; then
-        echo "serve: $MODELS_FILE: $name: GGUF ${gguf:-(none listed)}: no such file (run \`invoke convert\`, then \`invoke serve\`)" >&2
-        exit 1
-    fi
-    if ! ollama create "$name" -f "$modelfile"; then
-        echo "serve: \`ollama create $name -f $modelfile\` failed" >&2
-        exit 1
-    fi
+    create "$name" "$modelfile" "${gguf:-}" || exit 1
 done || { kill -TERM "$server"; wait "$server" || true; exit 1; }
 touch "$READY_FILE"
 echo "serve: ready: $(models | cut -d' ' -f1 | tr '\n' ' ')"

@@ -13,7 +13,7 @@ from support import ROOT, invoke, output, sets
 def pytest_collection_modifyitems(config, items):
     if not any(item.get_closest_marker("docker") for item in items):
         return
-    from finetune import containers
+    from finetune.host import containers
 
     try:
         containers.client()

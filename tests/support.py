@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from finetune import containers
+from finetune.host import containers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,9 +10,10 @@ import json
 import pytest
 from support import ROOT, invoke, output
 
-from finetune import bench, containers
-from finetune.config import load_config
-from finetune.train import lora_kwargs, sft_kwargs
+from finetune import bench
+from finetune.host import containers
+from finetune.core.config import load_config
+from finetune.train.sft import lora_kwargs, sft_kwargs
 
 
 def test_ratio_is_a_cost_whichever_way_the_figure_points():
@@ -53,7 +54,7 @@ def test_plain_baseline_gets_the_stage_hyperparameters_not_trl_defaults():
 
 def test_plain_script_stands_alone():
     """The baseline is what a user writes without this project: it must not import the finetune package."""
-    tree = ast.parse((ROOT / "bench" / "plain_sft.py").read_text())
+    tree = ast.parse((ROOT / "finetune" / "bench" / "plain_sft.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "finetune" not in imported

@@ -16,8 +16,8 @@ import time
 import pytest
 from support import ROOT, invoke, output, run_dir, sets
 
-from finetune import cache, containers
-from finetune.config import load_config
+from finetune.core.config import load_config
+from finetune.host import cache, containers, manifest
 
 PIPELINE = ("train", "convert", "serve")
 
@@ -70,14 +70,14 @@ def test_nothing_changed_runs_nothing_and_a_quant_type_reruns_convert_and_serve(
     port = ("serve.port=11535",)
     done = chain(trained_run, *port)
     assert done.returncode == 0, output(done)
-    started = time.monotonic()
+    stamps = {stage: cache.read_stamp(run_dir(trained_run), stage) for stage in PIPELINE}
     again = chain(trained_run, *port)
-    seconds = time.monotonic() - started
     assert again.returncode == 0, output(again)
     for stage in PIPELINE:
         assert f"{stage}: up to date (key " in again.stdout, again.stdout
-    print(f"nothing changed: {seconds:.1f} s")
     assert "rerun" not in again.stdout
+    # Nothing ran: every stamp is the one the first chain wrote (a rerun writes a new one, with its times).
+    assert {stage: cache.read_stamp(run_dir(trained_run), stage) for stage in PIPELINE} == stamps
     more = chain(trained_run, *port, "convert.quant_types=[Q8_0, Q4_K_M]")
     assert more.returncode == 0, output(more)
     assert "train: up to date" in more.stdout
@@ -151,3 +151,25 @@ def test_two_builds_from_scratch_are_byte_identical_and_a_killed_convert_leaves_
     assert redone.returncode == 0, output(redone)
     assert "convert: rerun, because it has not completed (no stamp)" in redone.stdout
     shutil.rmtree(run_dir(run))
+
+
+def test_verify_checks_every_manifest_entry_and_names_what_differs(tmp_path):
+    """manifest.verify without Docker: a missing file, a changed size and a changed byte of the same size are
+    each named with what the manifest says; a run without a manifest says which command makes one."""
+    assert manifest.verify(tmp_path) == (0, [f"{tmp_path / 'manifest.json'}: no manifest; run the stages first "
+                                             "(`invoke train convert serve`)"])
+    files = {"train/a.bin": b"abc", "convert/b.gguf": b"0123456789", "serve/Modelfile": b"FROM x\n"}
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    entries = [e for stage in PIPELINE for e in manifest.artifacts(tmp_path, stage)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": entries}))
+    assert manifest.verify(tmp_path) == (3, [])
+    (tmp_path / "train/a.bin").unlink()
+    (tmp_path / "convert/b.gguf").write_bytes(b"0123456789+")
+    (tmp_path / "serve/Modelfile").write_bytes(b"FROM y\n")
+    checked, problems = manifest.verify(tmp_path)
+    assert checked == 3 and len(problems) == 3
+    assert problems[0] == f"{tmp_path / 'train/a.bin'}: missing"
+    assert problems[1] == f"{tmp_path / 'convert/b.gguf'}: 11 bytes, the manifest says 10"
+    assert problems[2].startswith(f"{tmp_path / 'serve/Modelfile'}: sha256 ") and "the manifest says" in problems[2]

@@ -44,7 +44,7 @@ def test_convert_tiny_model_to_f16_and_kquants(trained_run):
     assert abs(rows["Q4_K_M"]["perplexity"] - f16) < 0.20 * f16
     assert "model-Q4_K_M.gguf" in done.stdout  # the table in the terminal
     assert not (run_dir(trained_run) / ".convert.partial").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["base-Q4_K_M.gguf", "config.yaml", "model-Q4_K_M.gguf",
+    assert sorted(p.name for p in out.iterdir()) == ["base-Q4_K_M.gguf", "inputs.json", "model-Q4_K_M.gguf",
                                                       "model-Q8_0.gguf", "model-f16.gguf", "report.json"]
 
 
@@ -98,3 +98,33 @@ def test_unknown_quant_type_lists_valid_ones():
     assert done.returncode == 2
     assert "convert.quant_types[0]" in done.stderr and "use one of: Q2_K, Q3_K_S" in done.stderr
     assert not run_dir("test-convert-quant").exists()
+
+
+# llama-perplexity's output at the pinned commit, from its format strings (tools/perplexity/perplexity.cpp):
+# the per-chunk table's header names "Same top p" too, without the colon of the summary line.
+PPL_OUTPUT = """perplexity: calculating perplexity over 4 chunks, n_ctx=128, batch_size=128, n_seq=1
+[1]14.2301,[2]13.0542,[3]12.9812,[4]12.7215,
+Final estimate: PPL = 12.7215 +/- 0.84312
+"""
+KLD_OUTPUT = """chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS            Same top p
+    1      15.7006 ±    0.1234     0.004567 ±  0.001234      0.012345 ±  0.000123    1.234 ±  0.056 %    96.078 ± 1.231 %
+====== Perplexity statistics ======
+Mean PPL(Q)                   :  12.803451 ±   0.850911
+Mean PPL(base)                :  12.721500 ±   0.843120
+====== KL divergence statistics ======
+Mean    KLD:   0.006512 ±   0.000412
+Maximum KLD:   0.201311
+====== Token probability statistics ======
+Same top p: 97.549 ± 0.686 %
+"""
+
+
+def test_perplexity_figures_are_read_from_llama_perplexitys_summary_lines():
+    from finetune.convert.gguf import perplexity_figures
+
+    assert perplexity_figures(PPL_OUTPUT, compare=False) == {"perplexity": 12.7215}
+    assert perplexity_figures(KLD_OUTPUT, compare=True) == {"perplexity": 12.803451, "kl_divergence": 0.006512,
+                                                            "same_top_token": 97.549}
+    # A line llama.cpp did not print (the lost-log case the convert image patches) is None, not a wrong number.
+    assert perplexity_figures("perplexity: 4 chunks\n", compare=False) == {"perplexity": None}
+    assert perplexity_figures(KLD_OUTPUT.split("====== KL")[0], compare=True)["kl_divergence"] is None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import data
+from finetune.core import data
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "data" / "customer_support_ja" / "train.jsonl"

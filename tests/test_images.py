@@ -1,5 +1,5 @@
 """Images without a registry: `invoke images.base` builds a Debian base image from distro packages, and a
-stage container started through finetune.containers writes into its mounted volume as a non-root user,
+stage container started through finetune.host.containers writes into its mounted volume as a non-root user,
 leaving files that belong to the invoking user (or to the images' user when invoke runs as root)."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune import baseimage, containers
-from finetune.containers import Mount
+from finetune.host import baseimage
+from finetune.host import containers
+from finetune.host.containers import Mount
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 from support import ROOT, invoke, run_dir, sets
 
-from finetune import modelfile, serve
-from finetune.config import ConfigError, load_config
+from finetune.serve import modelfile
+from finetune.core import layout, modelfile_text
+from finetune.core.config import ConfigError, load_config
 
 # Texts Ollama's parser reads back unchanged inside triple quotes (checked for real in test_serve.py).
 CARRIED = [
@@ -73,12 +74,12 @@ def test_extra_stop_strings_follow_the_template_ones_once():
 
 @pytest.mark.parametrize("text", CARRIED)
 def test_texts_a_modelfile_carries_are_accepted(text):
-    assert modelfile.unreadable(text) is None
+    assert modelfile_text.unreadable(text) is None
 
 
 @pytest.mark.parametrize(("text", "what", "fix"), REFUSED)
 def test_texts_a_modelfile_would_alter_are_refused_with_the_fix(text, what, fix):
-    problem = modelfile.unreadable(text)
+    problem = modelfile_text.unreadable(text)
     assert problem is not None and what in problem[0] and fix in problem[1]
 
 
@@ -96,10 +97,11 @@ def test_config_names_the_file_line_and_key_of_a_text_ollama_cannot_carry(tmp_pa
 
 
 def test_baseline_name_keeps_an_explicit_tag():
-    assert serve.baseline_name("sakura") == "sakura-baseline"
-    assert serve.baseline_name("sakura:v2") == "sakura-baseline:v2"
+    assert layout.baseline_name("sakura") == "sakura-baseline"
+    assert layout.baseline_name("sakura:v2") == "sakura-baseline:v2"
 
 
+@pytest.mark.cli
 def test_serve_without_a_converted_model_says_to_convert_first():
     run = "test-serve-missing"
     done = invoke("serve", *sets(run, "serve.port=11533"))

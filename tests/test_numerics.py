@@ -1,4 +1,4 @@
-"""One result on every machine: the train stage pins the CPU numerics (finetune/numerics.py), and the pin wins
+"""One result on every machine: the train stage pins the CPU numerics (finetune/train/numerics.py), and the pin wins
 over the environment the container starts with, so the bytes do not depend on the CPU's vector instructions;
 a CPU without AVX2 is not forced onto AVX2 kernels."""
 
@@ -11,8 +11,9 @@ import subprocess
 import pytest
 from support import ROOT, run_dir
 
-from finetune import containers, numerics
-from finetune.config import load_config, to_yaml
+from finetune.host import containers
+from finetune.train import numerics
+from finetune.core.config import load_config, to_yaml
 
 
 def test_x86_64_with_avx2_is_pinned_to_avx2_kernels_and_mkls_avx2_path():

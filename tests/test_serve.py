@@ -17,8 +17,11 @@ import pytest
 from support import ROOT, in_train_image, invoke, output, run_dir, sets
 from test_modelfile import CARRIED
 
-from finetune import containers, data, modelfile, serve
-from finetune.config import FewShot, RunConfig, load_config
+from finetune.host import containers
+from finetune.core import data
+from finetune.serve import modelfile, modelfiles
+from finetune.serve import server as serve
+from finetune.core.config import FewShot, RunConfig, load_config
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -232,7 +235,7 @@ def test_modelfiles_are_written_with_the_models_list(served):
     assert "FROM ../convert/model-f16.gguf" in (out / "Modelfile.f16").read_text()
     assert (out / "models").read_text() == ("sakura-support-tiny Modelfile ../convert/model-Q8_0.gguf\n"
                                             "sakura-support-tiny-baseline Modelfile.baseline ../convert/base-Q8_0.gguf\n")
-    assert [m.gguf for m in serve.read_models(run_dir(run))] == ["../convert/model-Q8_0.gguf",
+    assert [m.gguf for m in modelfiles.read_models(run_dir(run))] == ["../convert/model-Q8_0.gguf",
                                                                  "../convert/base-Q8_0.gguf"]
     assert "FROM ../convert/model-Q8_0.gguf" in (out / "Modelfile").read_text()
     assert Path(out / "../convert/base-Q8_0.gguf").resolve().is_file()

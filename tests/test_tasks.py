@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from support import ROOT, invoke
 
 
-def test_list_shows_documented_tasks():
+@pytest.mark.cli
+def test_list_shows_every_task_with_its_docstring():
+    import tasks
+
+    names = sorted(tasks.ns.task_names)
+    assert len(names) == 12 and {"train", "convert", "serve", "eval", "bench", "verify", "images.base"} <= set(names)
     listing = invoke("--list").stdout
-    for name in ("data", "images.base", "test"):
+    for name in names:
         line = next((x for x in listing.splitlines() if x.strip().startswith(name + " ")), "")
         assert len(line.split()) > 2, f"{name} is missing or has no docstring:\n{listing}"
+    documented = tasks.__doc__
+    assert [name for name in names if f"./invoke {name}" not in documented] == []  # the module's own list
 
 
+@pytest.mark.cli
 def test_data_task_validates_the_default_config():
     done = invoke("data")
     assert done.returncode == 0, done.stderr
@@ -20,6 +29,7 @@ def test_data_task_validates_the_default_config():
     assert "training on the first 60 of 264 examples (data.limit)" in done.stderr
 
 
+@pytest.mark.cli
 def test_data_task_fails_on_bad_config_with_the_fix():
     done = invoke("data", "--set", "train.rank=0")
     assert done.returncode == 2
@@ -72,7 +82,7 @@ def test_neither_a_registry_nor_a_local_base_names_both_and_the_fixes(monkeypatc
     from invoke import Exit
 
     import tasks
-    from finetune.containers import ContainerError
+    from finetune.host.containers import ContainerError
 
     def no_debootstrap(tag, mirror):
         raise ContainerError("debootstrap is not installed: `sudo apt-get install -y debootstrap`")

@@ -12,8 +12,8 @@ import time
 import pytest
 from support import ROOT, in_train_image, invoke, sets
 
-from finetune import containers
-from finetune.templates import chatml_spans, render_chatml
+from finetune.host import containers
+from finetune.core.templates import chatml_spans, render_chatml
 
 CONVERSATION = [
     {"role": "system", "content": "丁寧に答えてください。"},
@@ -28,6 +28,32 @@ def test_loss_spans_cover_each_answer_and_its_end_marker():
     text, spans = chatml_spans(CONVERSATION)
     assert text == render_chatml(CONVERSATION)
     assert [text[a:b] for a, b in spans] == ["14日以内であれば承ります。<|im_end|>", "お客様負担です。<|im_end|>"]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_assistant_masks_mark_exactly_each_answer_and_its_end_marker(trained_run):
+    """tokenize() on the tiny model's real tokenizer (in the train image): the tokens under a mask of 1 decode
+    to the assistant turns with their <|im_end|>, the rest (system, user, role headers) to none of them; with
+    assistant_only_loss off every token counts."""
+    code = (
+        "import json; from transformers import AutoTokenizer; from finetune.core.data import Example; "
+        "from finetune.train.sft import tokenize; "
+        "t = AutoTokenizer.from_pretrained('/artifacts/train/merged'); "
+        f"e = Example(messages={CONVERSATION!r}, where='x'); "
+        "on, off = tokenize([e], t, True), tokenize([e], t, False); ids, mask = on['input_ids'][0], on['assistant_masks'][0]; "
+        "runs, cur = [], []\n"
+        "for i, m in zip(ids, mask):\n"
+        "    if m: cur.append(i)\n"
+        "    elif cur: runs.append(t.decode(cur)); cur = []\n"
+        "runs += [t.decode(cur)] if cur else []; "
+        "print(json.dumps({'runs': runs, 'unmasked': t.decode([i for i, m in zip(ids, mask) if not m]), "
+        "'all_off': all(off['assistant_masks'][0]), 'same_ids': off['input_ids'] == on['input_ids']}, ensure_ascii=False))"
+    )
+    found = json.loads(in_train_image(code, trained_run))
+    assert [r.strip() for r in found["runs"]] == ["14日以内であれば承ります。<|im_end|>", "お客様負担です。<|im_end|>"]
+    assert "返品できますか" in found["unmasked"] and "14日以内" not in found["unmasked"]
+    assert found["all_off"] and found["same_ids"]
 
 
 def invoke_train(run: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -54,7 +80,7 @@ def test_train_tiny_on_cpu_beats_the_base_model(fresh_run):
         assert f"train: cannot pull {upstream} (" in done.stderr and "building FROM the local base" in done.stderr
     out = ROOT / "artifacts" / fresh_run / "train"
     for name in ("adapter/adapter_config.json", "merged/config.json", "merged/tokenizer.json",
-                 "merged/tokenizer.model", "merged/chat_template.jinja", "metrics.jsonl", "loss.png", "config.yaml"):
+                 "merged/tokenizer.model", "merged/chat_template.jinja", "metrics.jsonl", "loss.png", "inputs.json"):
         assert (out / name).is_file(), name
     assert not (out.parent / ".train.partial").exists()
     summary = json.loads((out / "summary.json").read_text())
@@ -68,7 +94,7 @@ def test_train_tiny_on_cpu_beats_the_base_model(fresh_run):
     assert all(m["peak_memory_mb"] > 0 for m in metrics) and metrics[-1]["tokens_per_s"] > 0
     # Independently of the trainer: load both models with transformers and score the eval split.
     losses = in_train_image(
-        "from finetune.train import eval_loss; "
+        "from finetune.train.sft import eval_loss; "
         "print(eval_loss('/artifacts/train/base', 'data/customer_support_ja/eval.jsonl'), "
         "eval_loss('/artifacts/train/merged', 'data/customer_support_ja/eval.jsonl'))", fresh_run)
     base_loss, tuned_loss = map(float, losses.split())
@@ -99,7 +125,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(fresh_run, tmp_path):
     assert not (ROOT / "artifacts" / fresh_run / "train").exists(), "a killed run must not look finished"
     saved = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
 
-    second = invoke_train(fresh_run, *overrides)
+    # serve.temperature is not a key the train stage reads (finetune/train/__init__.py): it must not restart training
+    second = invoke_train(fresh_run, *overrides, "serve.temperature=0.1")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"train: resuming from checkpoint-{saved}" in second.stdout
     out = ROOT / "artifacts" / fresh_run / "train"

@@ -1,6 +1,6 @@
 """Chat datasets: read JSONL, normalize every line to `messages`, report every bad line, print stats.
 
-    python -m finetune.data --config configs/tiny-ja.yaml [--tokenizer PATH/tokenizer.json]
+    python -m finetune.core.data --config configs/tiny-ja.yaml [--tokenizer PATH/tokenizer.json]
 
 Accepted line formats (data.format, or `auto` to detect each line from its keys):
 - messages:          {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.templates import render_chatml
+from finetune.core.templates import render_chatml
 
 MIN_EXAMPLES = 50  # the guide: 50-100 examples at minimum
 RECOMMENDED_EXAMPLES = 500  # the guide: 500-1000 recommended, quality over quantity
@@ -272,7 +272,7 @@ def tokenizer_counter(tokenizer_json: str | Path) -> TokenCounter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.config import ConfigError, load_config
+    from finetune.core.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(description="Validate a run's dataset and print its stats.")
     parser.add_argument("--config", default="configs/tiny-ja.yaml", help="run config (YAML)")

@@ -1,6 +1,6 @@
 """The run configuration: a YAML file in configs/ loaded into typed, frozen objects.
 
-    python -m finetune.config configs/tiny-ja.yaml --set train.max_steps=20   # print the resolved config
+    python -m finetune.core.config configs/tiny-ja.yaml --set train.max_steps=20   # print the resolved config
 
 Precedence is defaults (below) < the YAML file < `--set key.path=value` overrides. Unknown keys, wrong
 types and impossible values are all reported together, each naming the file and line (or the `--set`
@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from finetune import modelfile
+from finetune.core import layout, modelfile_text
 
 # llama-quantize types this project builds and checks. IQ* types need an importance matrix for every
 # tensor and are left out until the convert stage computes one by default.
@@ -32,8 +32,7 @@ QUANT_TYPES = (
 QuantType = Literal[QUANT_TYPES]  # type: ignore[valid-type]
 OutType = Literal["f16", "bf16", "f32"]
 
-# Base models the train image builds offline instead of downloading (see finetune/tiny.py).
-BUILTIN_MODELS = ("builtin:tiny-llama",)
+BUILTIN_MODELS = layout.BUILTIN_MODELS  # built offline in the train image (finetune/train/tiny.py)
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -293,8 +292,8 @@ def _cross_checks(config: RunConfig, root: Path) -> list[tuple[tuple, str, str]]
     """Checks that span keys or touch the filesystem, run once every field is valid on its own."""
     found = []
     m, d, t, c, s = config.model, config.data, config.train, config.convert, config.serve
-    is_hub_id = not (m.id.startswith(("builtin:", "/", "./", "../")) or (root / m.id).is_dir())
-    if m.id.startswith("builtin:") and m.id not in BUILTIN_MODELS:
+    is_hub_id = not (m.id.startswith((layout.BUILTIN_PREFIX, "/", "./", "../")) or (root / m.id).is_dir())
+    if layout.is_builtin(m.id) and m.id not in BUILTIN_MODELS:
         found.append((("model", "id"), f"unknown built-in model {m.id!r}", f"use one of: {', '.join(BUILTIN_MODELS)}"))
     if is_hub_id and m.revision is None:
         found.append((("model", "revision"), f"hub model {m.id!r} has no pinned revision",
@@ -310,7 +309,7 @@ def _cross_checks(config: RunConfig, root: Path) -> list[tuple[tuple, str, str]]
     if s.quant not in servable:
         found.append((("serve", "quant"), f"{s.quant!r} is not built by the convert stage",
                       f"use one of {servable}, or add it to convert.quant_types"))
-    found += modelfile.text_problems(s)
+    found += modelfile_text.text_problems(s)
     if len(set(c.quant_types)) != len(c.quant_types):
         found.append((("convert", "quant_types"), "lists a quant type twice", "list each type once"))
     return found

@@ -13,7 +13,7 @@ Reads OUT/train/merged/ (read-only); writes OUT/convert/:
                              generation and how it ended, perplexity on the eval answers and, for each quant,
                              KL divergence from the full-precision GGUF and same-top-token rate; provenance;
                              `seconds`: wall time per phase (the stage's profile)
-    config.yaml              the resolved config
+    inputs.json              what the stage read: its declared config values and data file digests
 Each check must pass: the file loads in llama-cpp-python (built from the same llama.cpp source), has the
 expected architecture, the training chat template and <|im_end|> as end of turn, and a greedy answer
 stops by itself (convert.require_stop). Work happens in OUT/.convert.partial/ and moves to OUT/convert/ only
@@ -30,10 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-from finetune import data as datasets_
-from finetune.config import RunConfig, to_yaml
-from finetune.stage import Stopwatch, file_sha256, publishing, stage_main
-from finetune.templates import CHATML_END, render_chatml
+from finetune.core import data as datasets_
+from finetune.convert import STAGE
+from finetune.core import layout
+from finetune.core.config import RunConfig
+from finetune.core.stage import Stopwatch, file_sha256, publishing, stage_main
+from finetune.core.templates import CHATML_END, render_chatml
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/opt/llama.cpp"))
 LLAMA_CPP_COMMIT = os.environ.get("LLAMA_CPP_COMMIT", "unknown")
@@ -130,6 +132,13 @@ def perplexity(model: Path, text_file: Path, logits: Path | None = None, compare
                "-t", str(os.cpu_count() or 1)]
     command += ["--kl-divergence-base", str(logits)] if logits else []
     output = run_tool(command + (["--kl-divergence"] if compare else []), f"perplexity of {model.name}")
+    return perplexity_figures(output, compare)
+
+
+def perplexity_figures(output: str, compare: bool) -> dict:
+    """The figures of llama-perplexity's output (tools/perplexity/perplexity.cpp at the pinned commit): "Final
+    estimate: PPL = %.4lf"; with --kl-divergence "Mean PPL(Q)   : %10.6lf", "Mean    KLD: %10.6lf" and "Same
+    top p: %6.3lf %%" (not the per-chunk table's header, which has no colon). None where a line is missing."""
     number = lambda pattern: float(m.group(1)) if (m := re.search(pattern, output)) else None  # noqa: E731
     if not compare:
         return {"perplexity": number(r"Final estimate: PPL = ([0-9.]+)")}
@@ -210,16 +219,17 @@ def token_difference(ours: list[int], hf_dir: Path, text: str, llm) -> str | Non
 
 def convert(config: RunConfig, out: Path) -> Path:
     """Convert, quantize and check per `config` into out/convert/ (see the module docstring)."""
-    merged, work, final = out / "train" / "merged", out / ".convert.partial", out / "convert"
+    train = layout.stage_dir(out, "train")
+    merged, work, final = train / layout.MERGED, layout.partial_dir(out, "convert"), layout.stage_dir(out, "convert")
     clock = Stopwatch()
     hf_config = check_merged(merged)
     with publishing(work, final):
-        (work / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+        STAGE.write_inputs(config, work)
         c = config.convert
         # No run name and no time: the same config gives the same bytes in any run (golden/, verify --golden).
         description = (f"fine-tuned by finetune from {config.model.id}"
                        f"{'@' + config.model.revision if config.model.revision else ''}; llama.cpp {LLAMA_CPP_COMMIT}")
-        full = work / f"model-{c.outtype}.gguf"
+        full = work / layout.model_gguf(c.outtype)
         print(f"convert: {merged} -> {full.name}", flush=True)
         clock.lap("start")
         to_gguf(merged, full, c.outtype, description)
@@ -235,12 +245,12 @@ def convert(config: RunConfig, out: Path) -> Path:
             clock.lap("imatrix")
         files = [(c.outtype, full)]
         for quant in c.quant_types:
-            target = work / f"model-{quant}.gguf"
+            target = work / layout.model_gguf(quant)
             print(f"convert: {full.name} -> {target.name}", flush=True)
             quantize(full, target, quant, imatrix)
             files.append((quant, target))
         clock.lap("llama-quantize")
-        if config.serve.baseline and (base := out / "train" / "base").is_dir():
+        if config.serve.baseline and (base := train / layout.BASE).is_dir():
             files.append((f"base {config.serve.quant}", base_gguf(base, work, config, description)))
             clock.lap("baseline GGUF")
 
@@ -256,7 +266,7 @@ def convert(config: RunConfig, out: Path) -> Path:
         rows = []
         for kind, path in files:
             baseline = kind.startswith("base")
-            row = {"type": kind, **check_gguf(path, out / "train" / ("base" if baseline else "merged"),
+            row = {"type": kind, **check_gguf(path, train / (layout.BASE if baseline else layout.MERGED),
                                               hf_config["model_type"], None if baseline else template, prompt,
                                               c.require_stop)}
             clock.lap("checks")
@@ -270,14 +280,13 @@ def convert(config: RunConfig, out: Path) -> Path:
             reference.unlink()
             (work / "logits.bin").unlink(missing_ok=True)
         report = {
-            "run": config.run,
             "llama_cpp": {"commit": LLAMA_CPP_COMMIT, "source": "llama-cpp-python==0.3.36 sdist "
                           "sha256:832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"},
             "source_model": {"architecture": hf_config["architectures"][0], "model_type": hf_config["model_type"]},
             "files": rows,
             "seconds": clock.seconds,  # wall time per phase: the stage's profile
         }
-        (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (work / layout.CONVERT_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print_table(rows)
     return final
 
@@ -285,7 +294,7 @@ def convert(config: RunConfig, out: Path) -> Path:
 def base_gguf(base: Path, work: Path, config: RunConfig, description: str) -> Path:
     """The base model as a GGUF of the served quant type: what the prompt-engineering baseline serves."""
     c, quant = config.convert, config.serve.quant
-    full, target = work / f"base-{c.outtype}.gguf", work / f"base-{quant}.gguf"
+    full, target = work / layout.base_gguf(c.outtype), work / layout.base_gguf(quant)
     print(f"convert: {base} -> {target.name} (the baseline)", flush=True)
     to_gguf(base, full, c.outtype, f"base model of {description}")
     if quant != c.outtype:
@@ -303,7 +312,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("convert", "Convert the run's merged model to GGUF and quantize it.", convert, (ConvertError,), argv)
+    return stage_main(STAGE, "Convert the run's merged model to GGUF and quantize it.", convert, (ConvertError,), argv)
 
 
 if __name__ == "__main__":

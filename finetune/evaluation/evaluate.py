@@ -2,9 +2,9 @@
 
 Runs on the host against the run's serve container, through Ollama's API: the prompt-engineering baseline
 (`<name>-baseline`), the fine-tuned model as served, and the fine-tuned model at every other built quant
-type (created on demand from serve/Modelfile.<QUANT>). Decoding is greedy with a fixed seed. Per model:
-    chrf            character n-gram F-score (n = 1..6, beta 2) against the reference answers, corpus level,
-                    0-100; character n-grams suit Japanese, which has no spaces between words
+type (created on demand by the serve container from serve/Modelfile.<QUANT>). Decoding is greedy with a fixed seed. Per model:
+    chrf            character n-gram F-score (chrF2: n = 1..6, beta 2; sacrebleu) against the reference answers,
+                    corpus level, 0-100; character n-grams suit Japanese, which has no spaces between words
     key_fact_rate   share of the listed key facts ("14日以内") that appear in the answers
     japanese_ratio  share of the answers' characters that are kana or kanji (the "stays English" failure)
     answer_chars    mean answer length in characters
@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from docker.errors import NotFound
-
-from finetune import containers
-from finetune import data as datasets_
-from finetune.config import RunConfig
-from finetune.stage import publishing
+from finetune.core import data as datasets_
+from finetune.core import layout
+from finetune.core.config import RunConfig
+from finetune.core.stage import publishing
 
 CHRF_ORDER = 6
-CHRF_BETA = 2.0
+CHRF_BETA = 2
 
 
 class EvalError(RuntimeError):
@@ -62,30 +59,13 @@ def questions(config: RunConfig) -> list[Question]:
     return found
 
 
-def _ngrams(text: str, n: int) -> Counter:
-    return Counter(text[i:i + n] for i in range(len(text) - n + 1))
-
-
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus chrF (chrF2 with character n-grams up to 6, whitespace ignored), as sacrebleu computes it:
-    n-gram matches summed over the corpus, precision and recall averaged over n, then the F-beta score."""
-    matches, hyp_total, ref_total = [0] * CHRF_ORDER, [0] * CHRF_ORDER, [0] * CHRF_ORDER
-    for hyp, ref in zip(hypotheses, references):
-        hyp, ref = "".join(hyp.split()), "".join(ref.split())
-        for n in range(1, CHRF_ORDER + 1):
-            h, r = _ngrams(hyp, n), _ngrams(ref, n)
-            matches[n - 1] += sum((h & r).values())
-            hyp_total[n - 1] += sum(h.values())
-            ref_total[n - 1] += sum(r.values())
-    orders = [n for n in range(CHRF_ORDER) if ref_total[n] > 0]
-    if not orders:
-        return 0.0
-    precision = sum(matches[n] / hyp_total[n] if hyp_total[n] else 0.0 for n in orders) / len(orders)
-    recall = sum(matches[n] / ref_total[n] for n in orders) / len(orders)
-    if precision + recall == 0:
-        return 0.0
-    b2 = CHRF_BETA ** 2
-    return 100 * (1 + b2) * precision * recall / (b2 * precision + recall)
+    """Corpus chrF2 (character n-grams up to 6, beta 2, whitespace ignored), 0-100: sacrebleu's CHRF with its
+    defaults, the implementation papers report."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF(char_order=CHRF_ORDER, word_order=0, beta=CHRF_BETA).corpus_score(list(hypotheses),
+                                                                                 [list(references)]).score
 
 
 def japanese_ratio(text: str) -> float:
@@ -143,38 +123,35 @@ def evaluate(config: RunConfig, run_dir: Path) -> dict:
     """Ask every model every question, measure, and write run_dir/eval/ (results.json, report.md/.html)."""
     import ollama
 
-    from finetune import report, serve
+    from finetune.evaluation import report
+    from finetune.serve import server
+    from finetune.serve.modelfiles import ServeError, other_quants
 
-    try:
-        container = containers.client().containers.get(serve.container_name(config))
-    except NotFound:
-        raise EvalError(f"no serve container for run {config.run}: run `invoke serve` first") from None
-    models = {"baseline": serve.baseline_name(config.serve.model_name)} if config.serve.baseline else {}
-    models[f"fine-tuned {config.serve.quant}"] = config.serve.model_name
-    for quant, file in serve.other_quants(config).items():
-        name = serve.quant_name(config.serve.model_name, quant)
-        done = container.exec_run(["ollama", "create", name, "-f", f"/artifacts/serve/{file}"])
-        if done.exit_code != 0:
-            raise EvalError(f"creating {name} in {container.name} failed: {done.output.decode()[-500:]}")
-        models[f"fine-tuned {quant}"] = name
+    models = {layout.BASELINE_LABEL: layout.baseline_name(config.serve.model_name)} if config.serve.baseline else {}
+    models[layout.tuned_label(config.serve.quant)] = config.serve.model_name
+    for quant in other_quants(config):
+        try:
+            models[layout.tuned_label(quant)] = server.create_other_quant(config, quant).name
+        except ServeError as e:
+            raise EvalError(str(e)) from e
     asked = questions(config)
-    client = ollama.Client(host=serve.url(config))
+    client = ollama.Client(host=server.url(config))
     results = {"run": config.run, "split": config.eval.split, "questions": len(asked), "models": {}}
     for label, name in models.items():
         print(f"eval: {label} ({name}): {len(asked)} questions", flush=True)
         answers = [ask(client, name, q, config) for q in asked]
         results["models"][label] = {"model": name, "metrics": metrics(asked, answers), "answers": answers}
     results["question_ids"] = [q.id for q in asked]
-    convert_report = run_dir / "convert" / "report.json"
+    convert_report = layout.stage_dir(run_dir, "convert") / layout.CONVERT_REPORT
     results["quants"] = json.loads(convert_report.read_text())["files"] if convert_report.is_file() else []
     for row in results["quants"]:
         row.pop("greedy_answer", None)
-    tuned = results["models"][f"fine-tuned {config.serve.quant}"]["metrics"]
-    baseline = results["models"].get("baseline", {}).get("metrics")
+    tuned = results["models"][layout.tuned_label(config.serve.quant)]["metrics"]
+    baseline = results["models"].get(layout.BASELINE_LABEL, {}).get("metrics")
     results["gate"] = {"config": config.eval.gate.model_dump(), "failures": gate_failures(config, tuned, baseline)}
-    with publishing(run_dir / ".eval.partial", run_dir / "eval") as work:
+    with publishing(layout.partial_dir(run_dir, "eval"), layout.stage_dir(run_dir, "eval")) as work:
         (work / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        losses = run_dir / "train" / "metrics.jsonl"
+        losses = layout.stage_dir(run_dir, "train") / layout.METRICS
         curve = [json.loads(x) for x in losses.read_text().splitlines()] if losses.is_file() else []
         (work / "report.md").write_text(report.markdown(results, asked, config), encoding="utf-8")
         (work / "report.html").write_text(report.html(results, asked, config, curve), encoding="utf-8")

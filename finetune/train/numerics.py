@@ -28,24 +28,11 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from pathlib import Path
+
+from finetune.core.machine import has_avx2
 
 AVX2 = "avx2"
 DEFAULT = "default"
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (avx2, fma, avx512f, ...) from /proc/cpuinfo; empty where there is none."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
-
-
-def has_avx2() -> bool:
-    """Whether this x86-64 CPU has AVX2 and FMA (what ATen's AVX2 kernels need)."""
-    return {"avx2", "fma"} <= cpu_flags()
 
 
 def settings(threads: int, machine: str | None = None, avx2: bool | None = None) -> dict[str, str]:
@@ -66,7 +53,7 @@ def pin(threads: int) -> dict[str, str]:
     """Set `settings(threads)` in this process's environment, replacing what was there; return them.
     Must run before torch is imported: ATen, MKL and OpenMP read these once, when they start."""
     if "torch" in sys.modules:
-        raise RuntimeError("finetune.numerics.pin() must run before torch is imported")
+        raise RuntimeError("finetune.train.numerics.pin() must run before torch is imported")
     pinned = settings(threads)
     os.environ.update(pinned)
     return pinned

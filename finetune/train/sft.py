@@ -11,7 +11,7 @@ Reads the resolved run config and the data files it names; writes OUT/train/:
     loss.png        the loss curve
     summary.json    eval loss of the base and of the fine-tuned model, steps, tokens, time, device, peak memory,
                     parameters, and `seconds`: wall time per phase (the stage's profile)
-    config.yaml     the resolved config
+    inputs.json     what the stage read: its declared config values and data file digests
 Work happens in OUT/.train.partial/, which holds the checkpoints; OUT/train/ appears only when everything
 is written, so a killed run never looks finished, and a rerun with the same config resumes from the last
 checkpoint.
@@ -27,11 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from finetune import data as datasets_
-from finetune import numerics
-from finetune.config import RunConfig, to_yaml
-from finetune.stage import Stopwatch, publish, stage_main
-from finetune.templates import CHATML_END, CHATML_JINJA, chatml_spans, save_tokenizer
+from finetune.core import data as datasets_
+from finetune.train import STAGE, numerics
+from finetune.core import layout
+from finetune.core.config import RunConfig
+from finetune.core.stage import Stopwatch, publish, stage_main
+from finetune.core.templates import CHATML_END, CHATML_JINJA, chatml_spans, save_tokenizer
 
 
 class TrainError(RuntimeError):
@@ -79,10 +80,10 @@ def precision(config: RunConfig, device: str) -> str:
 def base_model_dir(config: RunConfig, work: Path) -> str:
     """Where the base model comes from: built offline into work/base (or copied from the cache volume's
     identical earlier build), a local directory, or a hub id."""
-    if config.model.id == "builtin:tiny-llama":
-        from finetune import tiny
+    if config.model.id == layout.TINY_MODEL:
+        from finetune.train import tiny
 
-        base = work / "base"
+        base = work / layout.BASE
         if not (base / "config.json").is_file():
             domain = [Path(p) for p in (config.data.train, config.data.eval) if p]
             if "HF_HOME" not in os.environ:  # outside the train image: no cache volume
@@ -160,18 +161,17 @@ def train(config: RunConfig, out: Path) -> Path:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.metrics import MetricsCallback, peak_memory_mb, plot_loss
+    from finetune.train.metrics import MetricsCallback, peak_memory_mb, plot_loss
 
     clock.lap("imports")
     device, method = pick_device(config)
     dtype_name = precision(config, device)
-    work, final = out / ".train.partial", out / "train"
-    resolved = to_yaml(config)
-    if work.exists() and (work / "config.yaml").read_text(encoding="utf-8") != resolved:
-        print("train: config changed since the interrupted run; starting over", flush=True)
+    work, final = layout.partial_dir(out, "train"), layout.stage_dir(out, "train")
+    if work.exists() and (changed := changed_since(work, STAGE.read(config))):
+        print(f"train: {changed} changed since the interrupted run; starting over", flush=True)
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "config.yaml").write_text(resolved, encoding="utf-8")
+    STAGE.write_inputs(config, work)
     numeric = numerics.record(pinned)
     print(f"train: {method} on {device.upper()} "
           f"({torch.cuda.get_device_name(0) if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
@@ -206,14 +206,14 @@ def train(config: RunConfig, out: Path) -> Path:
     lora = LoraConfig(**lora_kwargs(config))
     model = load_model(source, config, method, dtype_name)
     parameters = model.num_parameters()
-    metrics = MetricsCallback(work / "metrics.jsonl")
+    metrics = MetricsCallback(work / layout.METRICS)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer, peft_config=lora, callbacks=[metrics])
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(metrics.progress)
     clock.lap("load and tokenize")
 
-    summary_path = work / "summary.json"
+    summary_path = work / layout.SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if eval_set is not None and "eval_loss_base" not in summary:
         summary["eval_loss_base"] = trainer.evaluate()["eval_loss"]  # LoRA B starts at zero: this is the base
@@ -222,7 +222,7 @@ def train(config: RunConfig, out: Path) -> Path:
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if last:
         print(f"train: resuming from {Path(last).name}", flush=True)
-        keep_metrics_until(work / "metrics.jsonl", int(Path(last).name.split("-")[-1]))
+        keep_metrics_until(work / layout.METRICS, int(Path(last).name.split("-")[-1]))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     clock.lap("train")
@@ -237,10 +237,10 @@ def train(config: RunConfig, out: Path) -> Path:
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     clock.lap("eval after")
-    trainer.model.save_pretrained(work / "adapter")
-    merge(source, config, work / "adapter", work / "merged", tokenizer, dtype_name)
+    trainer.model.save_pretrained(work / layout.ADAPTER)
+    merge(source, config, work / layout.ADAPTER, work / layout.MERGED, tokenizer, dtype_name)
     clock.lap("save and merge")
-    plot_loss(work / "metrics.jsonl", work / "loss.png", summary)
+    plot_loss(work / layout.METRICS, work / layout.LOSS_PLOT, summary)
     clock.lap("plot")
     summary["seconds"] = clock.seconds  # the stage's profile, phase by phase (this process only on a resume)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -258,8 +258,8 @@ def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, d
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
     base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **pinned(config))
-    if config.serve.baseline and not (out.parent / "base" / "config.json").is_file():
-        save_model(base, tokenizer, source, out.parent / "base")
+    if config.serve.baseline and not (out.parent / layout.BASE / "config.json").is_file():
+        save_model(base, tokenizer, source, out.parent / layout.BASE)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(CHATML_END)
     save_model(merged, tokenizer, source, out)
@@ -271,6 +271,17 @@ def save_model(model, tokenizer, source: str, out: Path) -> None:
     save_tokenizer(tokenizer, out)
     if (Path(source) / "tokenizer.model").is_file():  # llama.cpp's converter reads the SentencePiece model
         shutil.copy2(Path(source) / "tokenizer.model", out / "tokenizer.model")
+
+
+def changed_since(work: Path, now: dict) -> str | None:
+    """What differs between the inputs an interrupted run recorded in `work` and `now` (Stage.read), or None."""
+    try:
+        before = json.loads((work / layout.INPUTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "everything (no inputs.json)"
+    keys = sorted(k for part in ("config", "files") for k in set(before.get(part, {})) | set(now[part])
+                  if before.get(part, {}).get(k) != now[part].get(k))
+    return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") if keys else None
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -299,7 +310,7 @@ def eval_loss(model_dir: str | Path, jsonl: str | Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("train", "Fine-tune the base model of a run config (LoRA/QLoRA).", train, (TrainError,), argv)
+    return stage_main(STAGE, "Fine-tune the base model of a run config (LoRA/QLoRA).", train, (TrainError,), argv)
 
 
 if __name__ == "__main__":

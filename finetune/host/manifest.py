@@ -23,9 +23,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from finetune.cache import Inputs, flatten
-from finetune.numerics import cpu_flags
-from finetune.stage import file_sha256
+from finetune.host.cache import Inputs
+from finetune.core.machine import cpu_flags
+from finetune.core.stage import file_sha256, flatten
 
 MANIFEST = "manifest.json"
 

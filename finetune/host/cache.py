@@ -1,9 +1,10 @@
 """The stage cache: redo only the stages whose inputs changed, and say why.
 
-Each stage declares what it reads (STAGE_CONFIG, STAGE_FILES, UPSTREAM): the config values, the data
-files (by content), the key of the stage before it, the ID of the image it runs in (which covers its code
-and pinned packages), and for serve, whose Modelfiles are written on the host, the host code that writes
-them. The stage's key is the sha256 of all that. When a stage succeeds, `invoke` writes its stamp,
+Each stage declares beside its code what it reads (finetune/<stage>/__init__.py, a core.stage.Stage): config
+keys, data files (by content), the stage before it. Its key is the sha256 of those, the key of the stage
+before it, the ID of the image it runs in (which covers its code and pinned packages: each image copies only
+finetune/core and its own stage folder, so host code cannot change it), and for serve, whose Modelfiles
+are written on the host, the code that writes them. When a stage succeeds, `invoke` writes its stamp,
 artifacts/<run>/stamps/<stage>.json, last; the stamp is removed before a stage runs. So a stage is up to
 date exactly when its stamp holds the current key, and an interrupted stage has no stamp and runs again.
 
@@ -24,18 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.config import RunConfig
-from finetune.stage import file_sha256
+from finetune import convert, serve, train
+from finetune.core import layout
+from finetune.core.config import RunConfig
+from finetune.core.stage import Stage, file_sha256
 
-# The config keys each stage reads (a key covers everything below it).
-STAGE_CONFIG = {
-    "train": ("model", "data", "train", "serve.baseline"),  # serve.baseline: keep the base for the baseline
-    "convert": ("model", "data.train", "data.eval", "convert", "serve.quant", "serve.baseline"),
-    "serve": ("model.chat_template", "train.seed", "serve"),
-}
-STAGE_FILES = {"train": ("data.train", "data.eval"), "convert": ("data.train", "data.eval"), "serve": ()}
-UPSTREAM = {"train": None, "convert": "train", "serve": "convert"}
-HOST_CODE = {"serve": ("finetune/modelfile.py", "finetune/serve.py", "finetune/templates.py")}
+STAGES: dict[str, Stage] = {s.name: s for s in (train.STAGE, convert.STAGE, serve.STAGE)}
 
 
 class CacheError(RuntimeError):
@@ -58,36 +53,21 @@ class Inputs:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{"train.rank": 16, ...} from the nested config."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}" if not prefix
-                                                                     else f"{prefix}.{key}").items()}
-
-
 def stage_inputs(stage: str, config: RunConfig, run_dir: Path, image_id: str, root: Path = Path(".")) -> Inputs:
-    values = flatten(config.model_dump(mode="json"))
-    wanted = STAGE_CONFIG[stage]
-    chosen = {k: v for k, v in values.items() if any(k == w or k.startswith(w + ".") for w in wanted)}
-    files = {}
-    for key in STAGE_FILES[stage]:
-        if (rel := values.get(key)) is not None:
-            files[rel] = file_sha256(root / rel)
+    """A stage's inputs, from its declaration: what it reads (Stage.read), its upstream's key, image and code."""
+    declared = STAGES[stage]
+    read = declared.read(config, root)
     upstream = {}
-    if (before := UPSTREAM[stage]) is not None:
+    if (before := declared.upstream) is not None:
         upstream[before] = (read_stamp(run_dir, before) or {}).get("key", "none")
-    code = {p: file_sha256(root / p) for p in HOST_CODE.get(stage, ())}
-    return Inputs(stage, chosen, files, upstream, image_id, code)
-
-
-def stamp_path(run_dir: Path, stage: str) -> Path:
-    return run_dir / "stamps" / f"{stage}.json"
+    code = {str(p.relative_to(root)): file_sha256(p) for folder in declared.code
+            for p in sorted((root / folder).rglob("*.py"))}
+    return Inputs(stage, read["config"], read["files"], upstream, image_id, code)
 
 
 def read_stamp(run_dir: Path, stage: str) -> dict | None:
     try:
-        return json.loads(stamp_path(run_dir, stage).read_text(encoding="utf-8"))
+        return json.loads(layout.stamp_path(run_dir, stage).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -116,12 +96,12 @@ def why_rerun(run_dir: Path, inputs: Inputs) -> str | None:
 
 
 def clear_stamp(run_dir: Path, stage: str) -> None:
-    stamp_path(run_dir, stage).unlink(missing_ok=True)
+    layout.stamp_path(run_dir, stage).unlink(missing_ok=True)
 
 
 def write_stamp(run_dir: Path, inputs: Inputs, record: dict) -> None:
     """The stage is done: write its stamp (via a temporary file and a rename, so it is whole or absent)."""
-    path = stamp_path(run_dir, inputs.stage)
+    path = layout.stamp_path(run_dir, inputs.stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps({"key": inputs.key, "inputs": asdict(inputs), **record}, indent=2,
@@ -133,7 +113,7 @@ def write_stamp(run_dir: Path, inputs: Inputs, record: dict) -> None:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold artifacts/.locks/<run> while a stage works on the run; a second holder fails at once, clearly.
     (Beside the run directory, not in it: a stage that fails early leaves its run directory untouched.)"""
-    path = run_dir.parent / ".locks" / run_dir.name
+    path = layout.lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as lock:
         try:

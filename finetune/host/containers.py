@@ -21,6 +21,9 @@ from pathlib import Path
 import docker
 from docker.errors import DockerException, ImageNotFound
 
+from finetune.core import layout
+from finetune.core.config import RunConfig
+
 IMAGE_UID = 10001  # the non-root user every stage image creates (useradd --uid 10001 app)
 CA_SECRET_ID = "ca_bundle"  # Dockerfiles read it at /run/secrets/ca_bundle, for one RUN only
 BUILD_LOGS = ".build-logs"  # under the build context; the full output of the last build of each image
@@ -37,6 +40,12 @@ class Mount:
     host: Path
     container: str
     read_only: bool = True
+
+
+def data_mounts(config: RunConfig) -> list[Mount]:
+    """The config's data files, read-only, at the same relative paths under the container's /work."""
+    paths = [Path(p) for p in (config.data.train, config.data.eval) if p]
+    return [Mount(p, str(p if p.is_absolute() else layout.CONTAINER_WORK / p)) for p in paths]
 
 
 def client() -> docker.DockerClient:

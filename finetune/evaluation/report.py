@@ -7,7 +7,8 @@ import base64
 import html as html_
 from collections.abc import Sequence
 
-from finetune.config import RunConfig
+from finetune.core import layout
+from finetune.core.config import RunConfig
 
 COLUMNS = [("chrf", "chrF", "{:.1f}"), ("key_fact_rate", "key facts", "{:.0%}"),
            ("japanese_ratio", "Japanese", "{:.0%}"), ("answer_chars", "chars", "{:.0f}"),
@@ -33,8 +34,8 @@ def cell(value, fmt: str) -> str:
 def side_by_side(results: dict, asked: Sequence, config: RunConfig) -> list[tuple[str, str, str, str]]:
     """(question, reference, baseline answer, fine-tuned answer) for the first eval.side_by_side questions."""
     models = results["models"]
-    tuned = models[f"fine-tuned {config.serve.quant}"]["answers"]
-    baseline = models["baseline"]["answers"] if "baseline" in models else [{"answer": "-"}] * len(asked)
+    tuned = models[layout.tuned_label(config.serve.quant)]["answers"]
+    baseline = models[layout.BASELINE_LABEL]["answers"] if layout.BASELINE_LABEL in models else [{"answer": "-"}] * len(asked)
     rows = []
     for q, b, t in list(zip(asked, baseline, tuned))[: config.eval.side_by_side]:
         rows.append((q.messages[-1]["content"], q.reference, shorten(b["answer"]), shorten(t["answer"])))

@@ -1,6 +1,6 @@
 """A Debian bookworm base image built from distro packages, for machines that cannot pull images.
 
-    python -m finetune.baseimage [--tag finetune-base:bookworm] [--mirror URL]      (as root)
+    python -m finetune.host.baseimage [--tag finetune-base:bookworm] [--mirror URL]      (as root)
 
 `debootstrap --variant=minbase` fills a directory from the Debian mirror that the host's apt already uses;
 the tree, minus logs and caches, is packed as a tar with sorted names and fixed times and imported as
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from finetune.containers import ContainerError, client
+from finetune.host.containers import ContainerError, client
 
 DEFAULT_TAG = "finetune-base:bookworm"
 SUITE = "bookworm"

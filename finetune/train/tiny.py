@@ -1,6 +1,6 @@
 """The offline base model: a tiny Llama built deterministically, with no download.
 
-    python -m finetune.tiny --out DIR --domain data/customer_support_ja/train.jsonl
+    python -m finetune.train.tiny --out DIR --domain data/customer_support_ja/train.jsonl
 
 1. A SentencePiece BPE tokenizer (byte fallback, ChatML markers as single pieces) trained on the bundled
    generic English/Japanese sentences plus the domain conversations, so Japanese text stays short in tokens.
@@ -21,9 +21,10 @@ import random
 import shutil
 from pathlib import Path
 
-from finetune import numerics
-from finetune.data import read_split
-from finetune.templates import CHATML_END, CHATML_JINJA, CHATML_START, save_tokenizer
+from finetune.core import data, templates
+from finetune.core.data import read_split
+from finetune.core.templates import CHATML_END, CHATML_JINJA, CHATML_START, save_tokenizer
+from finetune.train import numerics
 
 GENERIC_CORPUS = Path(__file__).with_name("assets") / "generic_corpus.txt"
 VOCAB_SIZE = 2048  # the domain text has ~1,200 distinct characters; rarer ones fall back to bytes
@@ -116,16 +117,15 @@ def build(out: Path, domain_files: list[Path], steps: int = PRETRAIN_STEPS) -> P
 
 def build_key(domain_files: list[Path]) -> str:
     """What a build depends on: this code, the tokenizer saving and data reading code, the corpora, the library
-    versions and the numerical pin (finetune.numerics)."""
+    versions and the numerical pin (finetune/train/numerics.py)."""
     import sentencepiece
     import tokenizers
     import torch
     import transformers
 
     digest = hashlib.sha256()
-    here = Path(__file__).parent
-    for path in (Path(__file__), here / "templates.py", here / "data.py", here / "numerics.py", GENERIC_CORPUS,
-                 *domain_files):
+    for path in (Path(__file__), Path(templates.__file__), Path(data.__file__), Path(numerics.__file__),
+                 GENERIC_CORPUS, *domain_files):
         digest.update(path.read_bytes())
     for module in (torch, transformers, tokenizers, sentencepiece):
         digest.update(f"{module.__name__}=={module.__version__}".encode())

@@ -1,0 +1,159 @@
+"""The serve container: Ollama serving the run's models, started, checked, asked and stopped from the host.
+
+The container (finetune-serve-<run>, from Dockerfile.serve) mounts serve/ and convert/ read-only, keeps
+Ollama's model store in the volume finetune-ollama-models and publishes the API on serve.host:serve.port
+(127.0.0.1 by default). Its entrypoint (docker/serve-entrypoint.sh) is the one place that creates models
+(`ollama create`): every model of serve/models at start, and another built type on demand (`create`). It is
+also the one readiness rule: `finetune-serve health` (the image's HEALTHCHECK), which `ready` runs at once
+instead of waiting for the check's next interval. `start` returns when the container is ready, or raises
+with the container's log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from docker.errors import APIError, NotFound
+
+from finetune.core import layout
+from finetune.core.config import RunConfig
+from finetune.host import containers
+from finetune.serve.modelfiles import ListedModel, ServeError, other_quants, read_models
+
+CONTAINER_PORT = "11434/tcp"
+ENTRYPOINT = "/usr/local/bin/finetune-serve"
+HEALTHY_WITHIN_S = 300
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    models: list[str]
+    container: str
+    version: str
+
+
+def container_name(config: RunConfig) -> str:
+    return layout.container_name("serve", config.run)
+
+
+def url(config: RunConfig) -> str:
+    host = "127.0.0.1" if config.serve.host in ("0.0.0.0", "") else config.serve.host
+    return f"http://{host}:{config.serve.port}"
+
+
+def ensure_running(config: RunConfig, run_dir: Path, image: str, key: str) -> Served:
+    """The run's serve container, healthy and serving the Modelfiles of stage key `key`: the running one when
+    it already is (same key, same image), else a new one in its place."""
+    models = [m.name for m in read_models(run_dir)]
+    try:
+        running = containers.client().containers.get(container_name(config))
+    except NotFound:
+        running = None
+    if (running is not None and running.labels.get("finetune.key") == key
+            and running.image.id == containers.client().images.get(image).id and ready(running)):
+        print(f"serve: {running.name} is up to date and healthy")
+        return Served(url(config), models, running.name, ollama_version(config))
+    return start(config, run_dir, image, models, key)
+
+
+def ollama_version(config: RunConfig) -> str:
+    with urllib.request.urlopen(f"{url(config)}/api/version", timeout=10) as response:
+        return json.loads(response.read())["version"]
+
+
+def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: str,
+          volume: str = layout.MODELS_VOLUME) -> Served:
+    """(Re)start the run's serve container and wait until it is ready; an old one is replaced. `volume` holds
+    Ollama's model store (`invoke bench` gives it an empty one to time a cold start)."""
+    stop(config)
+    engine = containers.client()
+    name = container_name(config)
+    try:
+        container = engine.containers.run(
+            image, name=name, detach=True, user=f"{containers.IMAGE_UID}:{containers.IMAGE_UID}",
+            ports={CONTAINER_PORT: (config.serve.host, config.serve.port)},
+            volumes={str(layout.stage_dir(run_dir, "serve").resolve()): {"bind": "/artifacts/serve", "mode": "ro"},
+                     str(layout.stage_dir(run_dir, "convert").resolve()): {"bind": "/artifacts/convert", "mode": "ro"},
+                     volume: {"bind": layout.MODELS_MOUNT, "mode": "rw"}},
+            labels={"finetune.run": config.run, "finetune.key": key})
+    except APIError as e:
+        stop(config)
+        hint = (f"; another server holds port {config.serve.port}: `invoke stop` for its run, or set serve.port"
+                if "port is already allocated" in str(e) or "address already in use" in str(e) else "")
+        raise ServeError(f"cannot start {name} from {image}: {e.explanation or e}{hint}") from e
+    deadline = time.monotonic() + HEALTHY_WITHIN_S
+    while True:
+        container.reload()
+        state = container.attrs["State"]
+        health = (state.get("Health") or {}).get("Status")
+        if state["Status"] == "running" and health != "unhealthy" and ready(container):
+            return Served(url(config), models, name, ollama_version(config))
+        if state["Status"] != "running" or health == "unhealthy" or time.monotonic() > deadline:
+            log = container.logs(tail=30).decode(errors="replace").rstrip()
+            why = (f"exited with {state['ExitCode']}" if state["Status"] != "running"
+                   else f"is {health or 'not healthy'} after {HEALTHY_WITHIN_S} s")
+            stop(config)
+            raise ServeError(f"{name} {why}; its log ends:\n{log}")
+        time.sleep(0.2)
+
+
+def ready(container) -> bool:
+    """The readiness rule, the image's HEALTHCHECK asked now: `finetune-serve health` in the container, true
+    once the entrypoint has created every listed model (the store is a volume shared by runs, so a model of
+    the same name may exist before that) and each of them answers `ollama show`."""
+    try:
+        return container.exec_run([ENTRYPOINT, "health"]).exit_code == 0
+    except APIError:  # not running (any more)
+        return False
+
+
+def create_other_quant(config: RunConfig, quant: str) -> ListedModel:
+    """Create the fine-tuned model at another built type in the running serve container, through the
+    entrypoint that creates the served ones; return it."""
+    model = other_quants(config)[quant]
+    try:
+        container = containers.client().containers.get(container_name(config))
+    except NotFound:
+        raise ServeError(f"no serve container for run {config.run}: run `invoke serve` first") from None
+    done = container.exec_run([ENTRYPOINT, "create", model.name, model.modelfile, model.gguf])
+    if done.exit_code != 0:
+        raise ServeError(f"creating {model.name} in {container.name} failed: "
+                         f"{done.output.decode(errors='replace')[-500:]}")
+    return model
+
+
+def stop(config: RunConfig) -> bool:
+    """Stop and remove the run's serve container; False if there was none."""
+    try:
+        container = containers.client().containers.get(container_name(config))
+    except NotFound:
+        return False
+    container.remove(force=True)
+    return True
+
+
+def chat(config: RunConfig, question: str, baseline: bool = False, out=sys.stdout) -> str:
+    """Ask the served model one question through the ollama client, streaming the answer to `out`."""
+    import ollama
+
+    model = layout.baseline_name(config.serve.model_name) if baseline else config.serve.model_name
+    answer = []
+    try:
+        for part in ollama.Client(host=url(config)).chat(model=model, stream=True,
+                                                         messages=[{"role": "user", "content": question}]):
+            piece = part["message"]["content"]
+            answer.append(piece)
+            out.write(piece)
+            out.flush()
+    except ollama.ResponseError as e:
+        raise ServeError(f"{model} at {url(config)}: {e.error}; is it served? (`invoke serve`)") from e
+    except ConnectionError as e:
+        raise ServeError(f"no Ollama answers at {url(config)}: start it with `invoke serve`") from e
+    out.write("\n")
+    return "".join(answer)

@@ -1,0 +1,16 @@
+"""The train stage, run in the train image: LoRA/QLoRA fine-tuning (sft.py), the offline tiny base model
+(tiny.py), the numerical pin (numerics.py) and the training metrics (metrics.py).
+
+This file is only the stage's declaration, which the host reads for the cache key: importing it loads no
+torch.
+"""
+
+from finetune.core.stage import Stage
+
+STAGE = Stage(
+    name="train",
+    params=("model", "data", "train", "serve.baseline"),  # serve.baseline: keep the base for the baseline
+    files=("data.train", "data.eval"),
+    upstream=None,
+    outs=("train",),
+)

@@ -1,0 +1,7 @@
+"""`python -m finetune.train`: the train image's entrypoint."""
+
+import sys
+
+from finetune.train.sft import main
+
+sys.exit(main())
