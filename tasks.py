@@ -376,7 +376,7 @@ ns.configure({
         # 1 or 0 (INVOKE_FINETUNE_LOCAL_BASE=1 forces the local base, =0 the upstream one).
         "local_base": "auto",
         # With local_base, the serve image is built FROM this Ollama (built from source by images.ollama).
-        "ollama_image": "finetune-ollama:0.24.0",
+        "ollama_image": layout.OLLAMA_IMAGE,
         # Redo every stage even when up to date (INVOKE_FINETUNE_FORCE=1); one stage: its --force.
         "force": False,
     },

@@ -62,9 +62,7 @@ def plain_ollama_start(b: Session, config: RunConfig, image: str, models: list[L
         image, ["serve"], entrypoint=["ollama"], detach=True, name=layout.container_name("bench-ollama", config.run),
         user=f"{containers.IMAGE_UID}:{containers.IMAGE_UID}",
         ports={server.CONTAINER_PORT: ("127.0.0.1", config.serve.port)},
-        volumes={str(layout.stage_dir(run_dir, "serve")): {"bind": "/artifacts/serve", "mode": "ro"},
-                 str(layout.stage_dir(run_dir, "convert")): {"bind": "/artifacts/convert", "mode": "ro"},
-                 volume: {"bind": layout.MODELS_MOUNT, "mode": "rw"}})
+        volumes=server.volumes(run_dir, volume))
     try:
         while True:
             try:
@@ -76,7 +74,7 @@ def plain_ollama_start(b: Session, config: RunConfig, image: str, models: list[L
                 time.sleep(0.1)
         for m in models:
             code, output = container.exec_run(["ollama", "create", m.name, "-f", m.modelfile],
-                                              workdir="/artifacts/serve")
+                                              workdir=f"{layout.CONTAINER_RUN_DIR}/serve")
             if code != 0:
                 raise BenchError(f"ollama create {m.name} failed: {output.decode(errors='replace')[-500:]}")
         return time.perf_counter() - started

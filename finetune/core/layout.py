@@ -52,6 +52,11 @@ def stamp_path(run_dir: Path, stage: str) -> Path:
     return run_dir / "stamps" / f"{stage}.json"
 
 
+# Images for machines without a registry: the Debian base (invoke images.base) and Ollama from source.
+BASE_IMAGE = "finetune-base:bookworm"
+OLLAMA_IMAGE = "finetune-ollama:0.24.0"
+
+
 def image_tag(stage: str) -> str:
     """The image that Dockerfile.<stage> is built as."""
     return f"finetune-{stage}:latest"

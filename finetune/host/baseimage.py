@@ -21,9 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from finetune.core import layout
 from finetune.host.containers import ContainerError, client
 
-DEFAULT_TAG = "finetune-base:bookworm"
+DEFAULT_TAG = layout.BASE_IMAGE
 SUITE = "bookworm"
 # Written by debootstrap/dpkg/apt at build time; they differ between two builds and nothing needs them.
 VOLATILE = ("var/log", "var/cache/apt", "var/cache/ldconfig", "var/lib/apt/lists", "tmp")

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from finetune.host.cache import Inputs
+from finetune.core import layout
 from finetune.core.machine import cpu_flags
 from finetune.core.stage import file_sha256, flatten
 
@@ -56,7 +57,7 @@ def stage_record(stage: str, image_attrs: dict, started: float, ended: float, ru
         "started": _iso(started), "ended": _iso(ended), "seconds": round(ended - started, 1),
         "host": host(),
     }
-    if stage == "train" and (summary := run_dir / "train" / "summary.json").is_file():
+    if stage == "train" and (summary := layout.stage_dir(run_dir, "train") / layout.SUMMARY).is_file():
         record["numerics"] = json.loads(summary.read_text(encoding="utf-8")).get("numerics")
     return record
 

@@ -78,9 +78,7 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
         container = engine.containers.run(
             image, name=name, detach=True, user=f"{containers.IMAGE_UID}:{containers.IMAGE_UID}",
             ports={CONTAINER_PORT: (config.serve.host, config.serve.port)},
-            volumes={str(layout.stage_dir(run_dir, "serve").resolve()): {"bind": "/artifacts/serve", "mode": "ro"},
-                     str(layout.stage_dir(run_dir, "convert").resolve()): {"bind": "/artifacts/convert", "mode": "ro"},
-                     volume: {"bind": layout.MODELS_MOUNT, "mode": "rw"}},
+            volumes=volumes(run_dir, volume),
             labels={"finetune.run": config.run, "finetune.key": key})
     except APIError as e:
         stop(config)
@@ -101,6 +99,13 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
             stop(config)
             raise ServeError(f"{name} {why}; its log ends:\n{log}")
         time.sleep(0.2)
+
+
+def volumes(run_dir: Path, store: str = layout.MODELS_VOLUME) -> dict:
+    """What a serve container mounts: the run's serve/ and convert/ read-only, where the models list's relative
+    paths find them, and Ollama's model store."""
+    return {str(layout.stage_dir(run_dir, stage).resolve()): {"bind": f"{layout.CONTAINER_RUN_DIR}/{stage}", "mode": "ro"}
+            for stage in ("serve", "convert")} | {store: {"bind": layout.MODELS_MOUNT, "mode": "rw"}}
 
 
 def ready(container) -> bool:
