@@ -174,8 +174,9 @@ def test_every_stage_is_declared_with_its_upstream_and_outputs():
 def test_touching_host_code_leaves_the_train_and_convert_images_and_keys_unchanged(tmp_path):
     """Build the train and convert images from a copy of the tree whose host modules (and the serve, eval and
     bench code) were edited: the layer cache gives the same image IDs, so the stage keys cannot change."""
-    import tasks
     from invoke import Config, Context
+
+    import tasks
 
     c = Context(config=Config(overrides=tasks.ns.configuration()))
     copy = tmp_path / "tree"

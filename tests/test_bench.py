@@ -11,8 +11,8 @@ import pytest
 from support import ROOT, invoke, output
 
 from finetune import bench
-from finetune.host import containers
 from finetune.core.config import load_config
+from finetune.host import containers
 from finetune.train.sft import lora_kwargs, sft_kwargs
 
 

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 from support import invoke, run_dir, sets
 
+
 def left_behind(run: str) -> list[str]:
     return sorted(p.name for p in run_dir(run).glob("*convert*"))
 

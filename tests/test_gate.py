@@ -53,8 +53,8 @@ def test_chrf_is_sacrebleus_chrf2_reference_numbers():
     assert chrf(["返品承知いたしました。"], ["返品承知いたしました。"]) == pytest.approx(100.0)
     assert chrf(["abc"], ["xyz"]) == 0.0
     assert chrf(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx(CAT, abs=1e-6)
-    assert chrf(["14日以内なら返品できます", "送料は無料"], ["14日以内であれば返品を承ります", "送料はお客様負担です"]) == \
-        pytest.approx(JA, abs=1e-6)
+    answers, references = ["14日以内なら返品できます", "送料は無料"], ["14日以内であれば返品を承ります", "送料はお客様負担です"]
+    assert chrf(answers, references) == pytest.approx(JA, abs=1e-6)
 
 
 def test_japanese_ratio_counts_kana_and_kanji_among_non_space_characters():

@@ -10,8 +10,8 @@ import json
 import pytest
 from support import ROOT, invoke, output, sets
 
-from finetune.host import manifest
 from finetune.core.config import load_config
+from finetune.host import manifest
 
 GOLDEN = ROOT / "golden" / "tiny-ja.json"
 

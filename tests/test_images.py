@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.host import baseimage
-from finetune.host import containers
+from finetune.host import baseimage, containers
 from finetune.host.containers import Mount
 
 ROOT = Path(__file__).resolve().parent.parent

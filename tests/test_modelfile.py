@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from support import ROOT, invoke, run_dir, sets
 
-from finetune.serve import modelfile
 from finetune.core import layout, modelfile_text
 from finetune.core.config import ConfigError, load_config
+from finetune.serve import modelfile
 
 # Texts Ollama's parser reads back unchanged inside triple quotes (checked for real in test_serve.py).
 CARRIED = [

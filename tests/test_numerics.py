@@ -11,9 +11,9 @@ import subprocess
 import pytest
 from support import ROOT, run_dir
 
+from finetune.core.config import load_config, to_yaml
 from finetune.host import containers
 from finetune.train import numerics
-from finetune.core.config import load_config, to_yaml
 
 
 def test_x86_64_with_avx2_is_pinned_to_avx2_kernels_and_mkls_avx2_path():

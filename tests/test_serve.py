@@ -17,11 +17,11 @@ import pytest
 from support import ROOT, in_train_image, invoke, output, run_dir, sets
 from test_modelfile import CARRIED
 
-from finetune.host import containers
 from finetune.core import data
+from finetune.core.config import FewShot, RunConfig, load_config
+from finetune.host import containers
 from finetune.serve import modelfile, modelfiles
 from finetune.serve import server as serve
-from finetune.core.config import FewShot, RunConfig, load_config
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

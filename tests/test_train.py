@@ -12,8 +12,8 @@ import time
 import pytest
 from support import ROOT, in_train_image, invoke, sets
 
-from finetune.host import containers
 from finetune.core.templates import chatml_spans, render_chatml
+from finetune.host import containers
 
 CONVERSATION = [
     {"role": "system", "content": "丁寧に答えてください。"},
@@ -41,14 +41,16 @@ def test_assistant_masks_mark_exactly_each_answer_and_its_end_marker(trained_run
         "from finetune.train.sft import tokenize; "
         "t = AutoTokenizer.from_pretrained('/artifacts/train/merged'); "
         f"e = Example(messages={CONVERSATION!r}, where='x'); "
-        "on, off = tokenize([e], t, True), tokenize([e], t, False); ids, mask = on['input_ids'][0], on['assistant_masks'][0]; "
+        "on, off = tokenize([e], t, True), tokenize([e], t, False); "
+        "ids, mask = on['input_ids'][0], on['assistant_masks'][0]; "
         "runs, cur = [], []\n"
         "for i, m in zip(ids, mask):\n"
         "    if m: cur.append(i)\n"
         "    elif cur: runs.append(t.decode(cur)); cur = []\n"
         "runs += [t.decode(cur)] if cur else []; "
         "print(json.dumps({'runs': runs, 'unmasked': t.decode([i for i, m in zip(ids, mask) if not m]), "
-        "'all_off': all(off['assistant_masks'][0]), 'same_ids': off['input_ids'] == on['input_ids']}, ensure_ascii=False))"
+        "'all_off': all(off['assistant_masks'][0]), 'same_ids': off['input_ids'] == on['input_ids']}, "
+        "ensure_ascii=False))"
     )
     found = json.loads(in_train_image(code, trained_run))
     assert [r.strip() for r in found["runs"]] == ["14日以内であれば承ります。<|im_end|>", "お客様負担です。<|im_end|>"]

@@ -115,7 +115,8 @@ class Session:
         log = self.log_path(label)
         started = time.perf_counter()
         with log.open("w") as f, redirect_stdout(f):
-            code = containers.run(image, command, mounts, name=layout.container_name("bench", self.config.run), **kwargs)
+            name = layout.container_name("bench", self.config.run)
+            code = containers.run(image, command, mounts, name=name, **kwargs)
         seconds = time.perf_counter() - started
         if code != 0:
             raise BenchError(f"{label} exited with {code}; {log} ends:\n{tail(log)}")

@@ -12,6 +12,7 @@ from finetune.core import layout
 from finetune.core.config import RunConfig
 from finetune.host import containers
 
+
 def run(b: Session) -> None:
     config = b.bench_config()
     walls, cores, hand_walls, hand_cores, reports = [], [], [], [], []
@@ -25,10 +26,10 @@ def run(b: Session) -> None:
         hand_cores.append(inside)
         print(f"bench: convert {i + 1}/{b.repeats}: invoke convert {walls[-1]:.1f} s; by hand {wall:.1f} s",
               flush=True)
-    by_hand = "convert_hf_to_gguf.py + llama-quantize by hand"
-    b.add(Row("convert", "wall time of `invoke convert`", "s", walls, f"{by_hand} (docker run)", hand_walls))
+    name = "convert_hf_to_gguf.py + llama-quantize by hand"
+    b.add(Row("convert", "wall time of `invoke convert`", "s", walls, f"{name} (docker run)", hand_walls))
     b.add(Row("convert", "the stage's convert + quantize phases", "s", cores,
-                 f"{by_hand}, timed inside the container", hand_cores))
+              f"{name}, timed inside the container", hand_cores))
     b.profile("convert", reports)
     b.baseline_walls["convert"] = statistics.median(hand_walls)
 

@@ -4,7 +4,6 @@ after another; and the size of every image."""
 from __future__ import annotations
 
 import shutil
-import statistics
 
 from finetune.bench.common import Row, Session
 from finetune.host import containers

@@ -3,6 +3,7 @@ Ollama's generation speed against llama-bench (the convert image's, same llama.c
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time

@@ -8,7 +8,7 @@ from finetune.core.stage import Stage
 STAGE = Stage(
     name="convert",
     # serve.quant and serve.baseline: the base model is converted at the served type for the baseline
-    params=("model", "data.train", "data.eval", "data.format", "convert", "serve.quant", "serve.baseline"),
+    params=("model", "data.train", "data.eval", "convert", "serve.quant", "serve.baseline"),
     files=("data.train", "data.eval"),  # calibration text (imatrix) and perplexity references
     upstream="train",
     outs=("convert",),

@@ -30,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.core import data as datasets_
 from finetune.convert import STAGE
+from finetune.core import data as datasets_
 from finetune.core import layout
 from finetune.core.config import RunConfig
 from finetune.core.stage import Stopwatch, file_sha256, publishing, stage_main
@@ -286,7 +286,8 @@ def convert(config: RunConfig, out: Path) -> Path:
             "files": rows,
             "seconds": clock.seconds,  # wall time per phase: the stage's profile
         }
-        (work / layout.CONVERT_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (work / layout.CONVERT_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
         print_table(rows)
     return final
 

@@ -23,18 +23,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from finetune.host.cache import Inputs
 from finetune.core import layout
 from finetune.core.machine import cpu_flags
 from finetune.core.stage import file_sha256, flatten
+from finetune.host.cache import STAGES, Inputs
 
 MANIFEST = "manifest.json"
 
 
-def artifacts(run_dir: Path, stage: str) -> list[dict]:
-    """Path, size and sha256 of every file a stage published in run_dir/<stage>/ (checkpoints and partial
-    work live elsewhere), sorted by path."""
-    out = run_dir / stage
+def artifacts(run_dir: Path, out: str) -> list[dict]:
+    """Path, size and sha256 of every file in run_dir/<out>/, an output a stage published (checkpoints and
+    partial work live elsewhere), sorted by path."""
+    out = run_dir / out
     files = sorted(p for p in out.rglob("*") if p.is_file())
     return [{"path": str(p.relative_to(run_dir)), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
 
@@ -125,8 +125,9 @@ def record_stage(run_dir: Path, inputs: Inputs, record: dict, config_yaml: str) 
     manifest["config"] = config_yaml
     stages = manifest.setdefault("stages", {})
     stages[inputs.stage] = {"key": inputs.key, "inputs": asdict(inputs), **record}
-    files = [f for f in manifest.get("artifacts", []) if not f["path"].startswith(inputs.stage + "/")]
-    manifest["artifacts"] = sorted(files + artifacts(run_dir, inputs.stage), key=lambda f: f["path"])
+    outs = STAGES[inputs.stage].outs  # what the stage declares it writes
+    files = [f for f in manifest.get("artifacts", []) if not f["path"].startswith(tuple(f"{o}/" for o in outs))]
+    manifest["artifacts"] = sorted(files + [f for o in outs for f in artifacts(run_dir, o)], key=lambda f: f["path"])
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     partial.rename(path)

@@ -104,8 +104,9 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
 def volumes(run_dir: Path, store: str = layout.MODELS_VOLUME) -> dict:
     """What a serve container mounts: the run's serve/ and convert/ read-only, where the models list's relative
     paths find them, and Ollama's model store."""
-    return {str(layout.stage_dir(run_dir, stage).resolve()): {"bind": f"{layout.CONTAINER_RUN_DIR}/{stage}", "mode": "ro"}
-            for stage in ("serve", "convert")} | {store: {"bind": layout.MODELS_MOUNT, "mode": "rw"}}
+    inputs = {str(layout.stage_dir(run_dir, stage).resolve()): {"bind": f"{layout.CONTAINER_RUN_DIR}/{stage}",
+                                                                "mode": "ro"} for stage in ("serve", "convert")}
+    return inputs | {store: {"bind": layout.MODELS_MOUNT, "mode": "rw"}}
 
 
 def ready(container) -> bool:

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 from finetune.core import data as datasets_
-from finetune.train import STAGE, numerics
 from finetune.core import layout
 from finetune.core.config import RunConfig
 from finetune.core.stage import Stopwatch, publish, stage_main
 from finetune.core.templates import CHATML_END, CHATML_JINJA, chatml_spans, save_tokenizer
+from finetune.train import STAGE, numerics
 
 
 class TrainError(RuntimeError):
