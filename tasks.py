@@ -146,7 +146,8 @@ def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force
                 return inputs.key
             print(f"{stage}: rerun, because {reason}")
             before = cache.STAGES[stage].upstream
-            if before is not None and cache.read_stamp(run_dir, before) is None and layout.stage_dir(run_dir, before).is_dir():
+            unstamped = before is not None and cache.read_stamp(run_dir, before) is None
+            if unstamped and layout.stage_dir(run_dir, before).is_dir():
                 raise Exit(f"{stage}: {run_dir}/{before}/ is not complete (no stamp): run `invoke {before}` first",
                            code=2)
             cache.clear_stamp(run_dir, stage)
