@@ -17,7 +17,7 @@ import pytest
 from support import ROOT, in_train_image, invoke, output, run_dir, sets
 from test_modelfile import CARRIED
 
-from finetune.core import data
+from finetune.core import data, layout
 from finetune.core.config import FewShot, RunConfig, load_config
 from finetune.host import containers
 from finetune.serve import modelfile, modelfiles
@@ -70,7 +70,7 @@ def test_served_model_answers_as_trained_and_the_baseline_does_not(served):
     for example in questions(cfg):
         messages = up_to_last_question(example)
         tuned = ask(cfg.serve.model_name, messages)
-        baseline = ask(serve.baseline_name(cfg.serve.model_name), messages)
+        baseline = ask(layout.baseline_name(cfg.serve.model_name), messages)
         tuned_hits += any(k in tuned.message.content for k in example.key_facts)
         baseline_hits += any(k in baseline.message.content for k in example.key_facts)
         stopped += tuned.done_reason == "stop"

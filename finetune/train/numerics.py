@@ -10,14 +10,19 @@ model's sha256 changed with ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine).
 `pin()` fixes all of them, in this process, before torch is imported, whatever the environment says:
 
     ATEN_CPU_CAPABILITY=avx2          ATen's kernels: the AVX2 build on every x86-64 CPU that has AVX2
-    MKL_CBWR=AVX2,STRICT              MKL's conditional numerical reproducibility: the AVX2 code path, and
-                                      strict mode (gemm results that do not depend on the thread count)
+    MKL_CBWR=COMPATIBLE               MKL's conditional numerical reproducibility on its one code path that
+                                      every vendor's CPU runs: MKL honours the AVX2 branch on Intel CPUs only
+                                      and silently runs AUTO on AMD ones ("settings other than AUTO or
+                                      COMPATIBLE are available only for Intel processors"), which made an
+                                      Intel Xeon with AVX-512 train other bytes than an AMD EPYC (measured,
+                                      issue 15); COMPATIBLE also fixes cache sizes, reductions and scheduling
     MKL_ENABLE_INSTRUCTIONS=AVX2      no newer MKL kernels either
     ONEDNN_MAX_CPU_ISA=AVX2           oneDNN (used for bf16 and some fp32 paths)
     OMP_NUM_THREADS, MKL_NUM_THREADS  the thread count (train.cpu_threads), also set with torch.set_num_threads
 
 So every x86-64 machine with AVX2 (Intel since 2013, AMD since 2015) trains the same bytes; `record()` says
-what torch really used, for summary.json and the manifest. A CPU without AVX2 gets the DEFAULT kernels and
+what torch really used, for summary.json and the manifest, MKL's branch as MKL itself reports it
+(MKL_VERBOSE's "CNR:" field). A CPU without AVX2 gets the DEFAULT kernels and
 MKL's COMPATIBLE path (forcing AVX2 there would stop at the first illegal instruction): reproducible among
 such machines, not equal to the published hashes, and the stage says so. On arm64 there is no MKL and ATen's
 base build is NEON ("default"): runs agree with each other on the same torch build, not with x86-64.
@@ -27,12 +32,15 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
+import tempfile
 
 from finetune.core.machine import has_avx2
 
 AVX2 = "avx2"
 DEFAULT = "default"
+MKL_BRANCH = "COMPATIBLE"  # the one MKL branch that Intel and AMD CPUs both run (see above)
 
 
 def settings(threads: int, machine: str | None = None, avx2: bool | None = None) -> dict[str, str]:
@@ -44,9 +52,8 @@ def settings(threads: int, machine: str | None = None, avx2: bool | None = None)
     if avx2 is None:
         avx2 = has_avx2()
     isa = "AVX2" if avx2 else None
-    return {**pinned, "ATEN_CPU_CAPABILITY": AVX2 if avx2 else DEFAULT,
-            "MKL_CBWR": f"{isa},STRICT" if isa else "COMPATIBLE", "MKL_ENABLE_INSTRUCTIONS": isa or "SSE4_2",
-            "ONEDNN_MAX_CPU_ISA": isa or "SSE41"}
+    return {**pinned, "ATEN_CPU_CAPABILITY": AVX2 if avx2 else DEFAULT, "MKL_CBWR": MKL_BRANCH,
+            "MKL_ENABLE_INSTRUCTIONS": isa or "SSE4_2", "ONEDNN_MAX_CPU_ISA": isa or "SSE41"}
 
 
 def pin(threads: int) -> dict[str, str]:
@@ -68,9 +75,32 @@ def in_use() -> dict:
         "threads": torch.get_num_threads(),
         "mkl": torch.backends.mkl.is_available(),
         "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "mkl_branch": mkl_branch(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "machine": platform.machine(),
     }
+
+
+def mkl_branch() -> str | None:
+    """The code branch MKL really runs, from MKL_VERBOSE's "CNR:" field for one small sgemm (MKL ignores a
+    branch that the CPU's vendor does not support, without a word); None without MKL or without the field."""
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        return None
+    sys.stdout.flush()
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(1)  # MKL writes its verbose lines to the process's stdout
+        os.dup2(captured.fileno(), 1)
+        try:
+            with torch.backends.mkl.verbose(torch.backends.mkl.VERBOSE_ON):
+                torch.ones(64, 64) @ torch.ones(64, 64)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        captured.seek(0)
+        found = re.search(r"CNR:(\S+)", captured.read().decode(errors="replace"))
+    return found.group(1) if found else None
 
 
 def record(pinned: dict[str, str] | None) -> dict:
