@@ -266,11 +266,54 @@ def run_stage(image: str, cfg: RunConfig, mounts: list[containers.Mount], name: 
 
 
 def load(c: Context, config: str | None, overrides: list[str] | None) -> RunConfig:
-    """The validated run config, or an Exit that lists every problem."""
+    """The validated run config, or an Exit that lists every problem (or that the tasks of this command line
+    would work on different runs)."""
+    if Path(sys.argv[0]).name == "invoke" or Path(sys.argv[0]).parent.name == "invoke":
+        check_one_run(sys.argv[1:])
     try:
         return load_config(config or c.finetune.config, overrides or [])
     except ConfigError as e:
         raise Exit(str(e), code=2) from e
+
+
+# Tasks that work on the run their config names; `bench` works on a run of its own.
+RUN_TASKS = ("data", "train", "convert", "serve", "chat", "stop", "eval", "verify")
+
+
+def runs_asked(argv: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    """{task: (its --config, its --set run=...)} as given on the command line, None where not given. invoke hands
+    each task only the flags that follow it: `./invoke train convert serve --set run=x` gives run=x to serve
+    alone."""
+    found: dict[str, list[str | None]] = {}
+    current = None
+    tokens = iter(argv)
+    for token in tokens:
+        if token in ns.task_names:
+            current = token
+            found[current] = [None, None]
+            continue
+        flag, eq, value = token.partition("=")
+        if current is None or flag not in ("--set", "-s", "--config", "-c"):
+            continue
+        value = value if eq else next(tokens, "")
+        if flag in ("--config", "-c"):
+            found[current][0] = value
+        elif value.startswith("run="):
+            found[current][1] = value.removeprefix("run=")
+    return {task: (config, run) for task, (config, run) in found.items()}
+
+
+def check_one_run(argv: list[str]) -> None:
+    """Exit before any work when the tasks of one command line would work on different runs or configs."""
+    asked = {task: given for task, given in runs_asked(argv).items() if task in RUN_TASKS}
+    if len(set(asked.values())) <= 1:
+        return
+    unset = "(the config's)"
+    shown = "; ".join(f"{task}: --config {config or '(default)'}, run {run or unset}"
+                      for task, (config, run) in asked.items())
+    raise Exit(f"these tasks would work on different runs ({shown}): invoke gives each task only the --config "
+               "and --set that follow it. Repeat them after each task, e.g. "
+               "`./invoke train --set run=x convert --set run=x serve --set run=x`", code=2)
 
 
 def stage_image(c: Context, stage: str, context: str = ".", tag: str | None = None) -> str:

@@ -107,3 +107,25 @@ def test_an_unknown_local_base_setting_is_refused_with_the_choices():
 
     with pytest.raises(Exit, match="finetune.local_base='maybe': use auto, 1"):
         tasks.local_base_reason(context("maybe"), "train")
+
+
+def test_the_run_each_task_of_a_command_line_gets_is_read_as_invoke_hands_it_out():
+    import tasks
+
+    asked = tasks.runs_asked(["train", "-c", "configs/a.yaml", "convert", "--set", "train.rank=8", "serve",
+                              "--set=run=x", "--set", "serve.port=1", "chat", "train? no"])
+    assert asked == {"train": ("configs/a.yaml", None), "convert": (None, None), "serve": (None, "x"),
+                     "chat": (None, None)}
+    tasks.check_one_run(["train", "--set", "run=x", "convert", "--set", "run=x", "--set", "convert.imatrix=true"])
+    tasks.check_one_run(["convert", "serve", "--set", "serve.port=11535"])  # other keys may differ per task
+
+
+@pytest.mark.cli
+def test_set_after_the_last_task_only_is_refused_before_any_work():
+    """`./invoke train convert --set run=x` would train the default run and convert run x."""
+    done = invoke("train", "convert", "--set", "run=test-one-run")
+    assert done.returncode == 2
+    assert ("these tasks would work on different runs (train: --config (default), run (the config's); convert: "
+            "--config (default), run test-one-run)") in done.stderr
+    assert "`./invoke train --set run=x convert --set run=x serve --set run=x`" in done.stderr
+    assert not (ROOT / "artifacts" / "test-one-run").exists() and "building" not in done.stderr
