@@ -437,15 +437,21 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+def from_command_line(path: str, overrides: typing.Sequence[str]) -> RunConfig | None:
+    """load_config for a command line: None, with every problem on stderr, instead of an exception."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML file, e.g. configs/tiny-ja.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
+    if (config := from_command_line(args.config, args.overrides)) is None:
         return 2
     sys.stdout.write(to_yaml(config))
     return 0

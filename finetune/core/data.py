@@ -272,17 +272,14 @@ def tokenizer_counter(tokenizer_json: str | Path) -> TokenCounter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.core.config import ConfigError, load_config
+    from finetune.core.config import from_command_line
 
     parser = argparse.ArgumentParser(description="Validate a run's dataset and print its stats.")
     parser.add_argument("--config", default="configs/tiny-ja.yaml", help="run config (YAML)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tokenizer", help="tokenizer.json to measure lengths in tokens")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
+    if (config := from_command_line(args.config, args.overrides)) is None:
         return 2
     counter = tokenizer_counter(args.tokenizer) if args.tokenizer else None
     splits, problems, warnings = check(config.data.train, config.data.eval, config.data.format,
