@@ -7,7 +7,7 @@ What it measures, bench.repeats times each (median, min and max):
     train     tokens/s, peak memory and wall time of `invoke train` vs bench/plain_sft.py, a minimal TRL
               SFTTrainer script run in the same image on the same model, data, steps and precision; packing
               off and on, with train.deterministic off (what byte-reproducible training costs) and with
-              train.pin_cpu off (what the numerical pin within it costs: finetune/numerics.py). On a
+              train.pin_cpu off (what the numerical pin within it costs: finetune/train/numerics.py). On a
               GPU also QLoRA vs LoRA memory, and model FLOPs utilization.
     convert   wall time of `invoke convert` vs convert_hf_to_gguf.py + llama-quantize run by hand on the
               same merged model; and the stage's own convert + quantize phases vs the same two commands
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from finetune.bench import convert, pipeline, serve, train
-from finetune.bench.common import FLAG_ABOVE, BenchError, Row, Session, fmt
+from finetune.bench.common import FLAG_ABOVE, ROOT, BenchError, Row, Session, fmt
 from finetune.bench.report import markdown
 from finetune.core import layout
 from finetune.core.config import RunConfig
@@ -46,7 +46,7 @@ __all__ = ["BenchError", "FLAG_ABOVE", "Row", "fmt", "markdown", "run"]
 
 def run(config: RunConfig, config_path: str, overrides: list[str], out: Path | None, images: list[str]) -> dict:
     """Measure everything (see the module docstring); results in out (default artifacts/<run>-bench-results/)."""
-    b = Session(config, config_path, overrides, out or layout.bench_results(config.run, Session.ROOT), images)
+    b = Session(config, config_path, overrides, out or layout.bench_results(config.run, ROOT), images)
     (b.out / "logs").mkdir(parents=True, exist_ok=True)
     started = time.time()
     print(f"bench: {config.run} as run {b.run_name}, {b.repeats} repeats, "

@@ -63,8 +63,6 @@ class Session:
     """One `invoke bench`: the config, the bench run, where results go, and what is measured so far; the
     stage modules (bench/train.py, ...) measure through it."""
 
-    ROOT = ROOT
-
     def __init__(self, config: RunConfig, config_path: str, overrides: list[str], out: Path, images: list[str]):
         self.config = config
         self.config_path = config_path

@@ -46,9 +46,9 @@ def by_hand(b: Session, config: RunConfig) -> tuple[float, float]:
     script = ("set -e; s=$(date +%s%N); " + "; ".join(commands) +
               '; echo "by-hand-ms $(( ($(date +%s%N) - s) / 1000000 ))" > /out/seconds')
     wall = b.container("by-hand convert", layout.image_tag("convert"), [script],
-                          [containers.Mount(work, "/out", read_only=False),
-                           containers.Mount(layout.stage_dir(b.run_dir, "train") / layout.MERGED, "/in/merged")],
-                          entrypoint=["sh", "-c"])
+                       [containers.Mount(work, "/out", read_only=False),
+                        containers.Mount(layout.stage_dir(b.run_dir, "train") / layout.MERGED, "/in/merged")],
+                       entrypoint=["sh", "-c"])
     inside = int((work / "seconds").read_text().split()[1]) / 1000
     shutil.rmtree(work)
     return wall, inside

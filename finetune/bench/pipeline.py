@@ -13,6 +13,7 @@ from finetune.serve import server
 NOTED_BYTES = {"finetune-base": 117e6, "finetune-train": 6.64e9, "finetune-convert": 6.25e9,
                "finetune-ollama": 235e6, "finetune-serve": 235e6}
 
+
 def run(b: Session) -> None:
     config = b.bench_config()
     cold, warm = [], []
@@ -30,7 +31,7 @@ def run(b: Session) -> None:
     name = "plain TRL + llama.cpp + ollama by hand (sum of their medians above)"
     b.add(Row("pipeline", "`invoke train convert serve` from an empty run directory", "s", cold, name, by_hand))
     b.add(Row("pipeline", "`invoke train convert serve` again, nothing changed", "s", warm,
-                 "the same by hand, which has no cache", by_hand))
+              "the same by hand, which has no cache", by_hand))
 
 
 def image_sizes(b: Session) -> None:
@@ -39,4 +40,4 @@ def image_sizes(b: Session) -> None:
         size = engine.images.get(tag).attrs["Size"]
         noted = NOTED_BYTES.get(tag.split(":")[0])
         b.add(Row("images", f"`{tag}`", "MB", [size / 1e6], "size in the note of its issue",
-                     [noted / 1e6] if noted else []))
+                  [noted / 1e6] if noted else []))

@@ -19,6 +19,7 @@ from finetune.serve.modelfiles import ListedModel, read_models
 QUESTIONS = 8  # distinct questions per repeat: consecutive requests never share more than the system prompt
 MAX_NEW_TOKENS = 128
 
+
 def run(b: Session) -> None:
     config = b.bench_config()
     cold_start(b, config)
@@ -48,7 +49,7 @@ def cold_start(b: Session, config: RunConfig) -> None:
         print(f"bench: serve cold start {i + 1}/{b.repeats}: serve container {ours[-1]:.1f} s; "
               f"plain ollama {plain[-1]:.1f} s", flush=True)
     b.add(Row("serve", "cold start until every model answers (empty model store)", "s", ours,
-                 "plain `ollama serve` + `ollama create` by hand", plain))
+              "plain `ollama serve` + `ollama create` by hand", plain))
     b.baseline_walls["serve"] = statistics.median(plain)
 
 
@@ -132,10 +133,10 @@ def generation(b: Session, config: RunConfig) -> None:
         f"{per_token(ollama_tps) - per_token(tg):.2f} ms more on each token ({gguf}; {same})")
     b.add(Row("serve", f"generation tokens/s, {model} (~{n_gen} tokens)", "tok/s", ollama_tps, same, tg, True))
     b.add(Row("serve", f"prompt tokens/s (~{n_prompt} tokens)", "tok/s",
-                 [s["prompt_count"] / s["prompt_s"] for s in samples if s["prompt_s"] > 0], same, pp, True))
+              [s["prompt_count"] / s["prompt_s"] for s in samples if s["prompt_s"] > 0], same, pp, True))
     tg_median = statistics.median(tg)
     b.add(Row("serve", "time to first token (client side)", "ms", [s["ttft_ms"] for s in samples],
-                 "llama-bench: prompt eval + one token", [1000 * (n_prompt / x + 1 / tg_median) for x in pp]))
+              "llama-bench: prompt eval + one token", [1000 * (n_prompt / x + 1 / tg_median) for x in pp]))
 
 
 def llama_bench(b: Session, gguf: str, n_prompt: int, n_gen: int, threads: int) -> tuple[list[float], list[float]]:
@@ -145,8 +146,8 @@ def llama_bench(b: Session, gguf: str, n_prompt: int, n_gen: int, threads: int) 
     script = (f"llama-bench -m /gguf/{gguf} -p {n_prompt} -n {n_gen} -r {max(b.repeats, 3)} -t {threads} "
               "-o json > /out/llama-bench.json")
     b.container("llama-bench", layout.image_tag("convert"), [script],
-                   [containers.Mount(work, "/out", read_only=False),
-                    containers.Mount(layout.stage_dir(b.run_dir, "convert"), "/gguf")], entrypoint=["sh", "-c"])
+                [containers.Mount(work, "/out", read_only=False),
+                 containers.Mount(layout.stage_dir(b.run_dir, "convert"), "/gguf")], entrypoint=["sh", "-c"])
     results = json.loads((work / "llama-bench.json").read_text())
     pp = next(r["samples_ts"] for r in results if r["n_prompt"] > 0 and r["n_gen"] == 0)
     tg = next(r["samples_ts"] for r in results if r["n_gen"] > 0 and r["n_prompt"] == 0)

@@ -21,6 +21,7 @@ PLAIN_SFT = Path(__file__).with_name("plain_sft.py")
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
                    "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
 
+
 def run(b: Session) -> None:
     chats = b.out / "plain-data.jsonl"  # what a user feeds TRL: the run's examples as chats
     limit = b.config.data.limit
@@ -42,7 +43,7 @@ def run(b: Session) -> None:
                           ("train.pin_cpu=false", "the numerical pin (train.pin_cpu)")):
         if (off := b.train_rates.get(f"packing on, {variant}")) is not None:
             b.add(Row("train", f"training tokens/s with {what}, packing on", "tok/s",
-                         b.train_rates["packing on"], f"the same stage with {variant}", off, True))
+                      b.train_rates["packing on"], f"the same stage with {variant}", off, True))
 
 
 def train_stage(b: Session, extra: tuple[str, ...]) -> tuple[float, dict]:
@@ -71,7 +72,7 @@ def setting(b: Session, chats: Path, packed: bool, variant: str | None = None) -
     b.add(Row("train", f"training tokens/s, {label}", "tok/s", ours["tps"], name, plain["tps"], True))
     b.add(Row("train", f"peak memory, {label}", "MiB", ours["memory"], name, plain["memory"]))
     b.add(Row("train", f"wall time of `invoke train`, {label}", "s", ours["wall"],
-                 f"{name} (docker run)", plain["wall"]))
+              f"{name} (docker run)", plain["wall"]))
     b.profile(f"train, {label}", ours["phases"])
     b.train_rates[label] = ours["tps"]
     b.baseline_walls[f"train, {label}"] = statistics.median(plain["wall"])
@@ -124,9 +125,9 @@ def methods(b: Session, chats: Path) -> None:
             samples[method]["memory"].append(summary["peak_memory_mb"])
             samples[method]["tps"].append(tokens_per_second(summary))
     b.add(Row("train", "peak GPU memory, QLoRA", "MiB", samples["qlora"]["memory"], "LoRA (same run)",
-                 samples["lora"]["memory"]))
+              samples["lora"]["memory"]))
     b.add(Row("train", "training tokens/s, QLoRA", "tok/s", samples["qlora"]["tps"], "LoRA (same run)",
-                 samples["lora"]["tps"], True))
+              samples["lora"]["tps"], True))
 
 
 def mfu_row(b: Session, ours: dict, plain: dict, summary: dict) -> None:
@@ -138,4 +139,4 @@ def mfu_row(b: Session, ours: dict, plain: dict, summary: dict) -> None:
         return
     mfu = lambda tps: 100 * tps * 6 * summary["parameters"] / peak  # noqa: E731
     b.add(Row("train", f"MFU on {gpu} ({peak / 1e12:.0f} TFLOP/s bf16)", "%", [mfu(x) for x in ours["tps"]],
-                 "plain TRL SFTTrainer script", [mfu(x) for x in plain["tps"]], True))
+              "plain TRL SFTTrainer script", [mfu(x) for x in plain["tps"]], True))

@@ -98,7 +98,7 @@ class TrainSection(_Section):
     deterministic: bool = Field(True, description="the same inputs give byte-identical weights on any x86-64 CPU "
                                                   "with AVX2: deterministic algorithms (transformers' "
                                                   "full_determinism, on CPU) and the CPU kernels, BLAS path and "
-                                                  "threads pinned (finetune/numerics.py); costs tokens/s on CPU "
+                                                  "threads pinned (finetune/train/numerics.py); costs tokens/s on CPU "
                                                   "(`invoke bench`)")
     pin_cpu: bool = Field(True, description="with deterministic: pin the CPU kernels (AVX2), MKL's code path and the "
                                             "threads, so every x86-64 CPU with AVX2 gives the same bytes; false keeps "

@@ -58,19 +58,13 @@ class Stage:
         """Whether `key` is a declared param or lies below one."""
         return any(key == p or key.startswith(p + ".") for p in self.params)
 
-    def values(self, config: RunConfig) -> dict[str, Any]:
-        """The declared params' values, flattened: {"train.rank": 16, ...}."""
-        return {k: v for k, v in flatten(_whole(config).model_dump(mode="json")).items() if self.declares(k)}
-
-    def file_digests(self, config: RunConfig, root: Path = Path(".")) -> dict[str, str]:
-        """{path as configured: sha256} of the declared files that the config names."""
-        values = flatten(_whole(config).model_dump(mode="json"))
-        return {values[k]: file_sha256(root / values[k]) for k in self.files if values.get(k) is not None}
-
     def read(self, config: RunConfig, root: Path = Path(".")) -> dict[str, Any]:
-        """What the stage reads of a run, besides its upstream and its code: its declared values and file
-        digests. Its output's inputs.json holds it, and an interrupted stage resumes only if it is unchanged."""
-        return {"config": self.values(config), "files": self.file_digests(config, root)}
+        """What the stage reads of a run, besides its upstream and its code: the declared params' values,
+        flattened ({"train.rank": 16, ...}), and {path as configured: sha256} of the declared files the config
+        names. Its output's inputs.json holds it, and an interrupted stage resumes only if it is unchanged."""
+        values = flatten(_whole(config).model_dump(mode="json"))
+        return {"config": {k: v for k, v in values.items() if self.declares(k)},
+                "files": {values[k]: file_sha256(root / values[k]) for k in self.files if values.get(k) is not None}}
 
     def write_inputs(self, config: RunConfig, work: Path) -> None:
         """Write what the stage read (`read`) into its output, as inputs.json."""

@@ -2,7 +2,8 @@
 
 Runs on the host against the run's serve container, through Ollama's API: the prompt-engineering baseline
 (`<name>-baseline`), the fine-tuned model as served, and the fine-tuned model at every other built quant
-type (created on demand by the serve container from serve/Modelfile.<QUANT>). Decoding is greedy with a fixed seed. Per model:
+type (created on demand by the serve container from serve/Modelfile.<QUANT>). Decoding is greedy with a
+fixed seed. Per model:
     chrf            character n-gram F-score (chrF2: n = 1..6, beta 2; sacrebleu) against the reference answers,
                     corpus level, 0-100; character n-grams suit Japanese, which has no spaces between words
     key_fact_rate   share of the listed key facts ("14日以内") that appear in the answers

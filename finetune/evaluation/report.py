@@ -35,7 +35,8 @@ def side_by_side(results: dict, asked: Sequence, config: RunConfig) -> list[tupl
     """(question, reference, baseline answer, fine-tuned answer) for the first eval.side_by_side questions."""
     models = results["models"]
     tuned = models[layout.tuned_label(config.serve.quant)]["answers"]
-    baseline = models[layout.BASELINE_LABEL]["answers"] if layout.BASELINE_LABEL in models else [{"answer": "-"}] * len(asked)
+    none = [{"answer": "-"}] * len(asked)
+    baseline = models[layout.BASELINE_LABEL]["answers"] if layout.BASELINE_LABEL in models else none
     rows = []
     for q, b, t in list(zip(asked, baseline, tuned))[: config.eval.side_by_side]:
         rows.append((q.messages[-1]["content"], q.reference, shorten(b["answer"]), shorten(t["answer"])))

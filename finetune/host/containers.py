@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import docker
 from docker.errors import DockerException, ImageNotFound
 
-import docker
 from finetune.core import layout
 from finetune.core.config import RunConfig
 

@@ -7,7 +7,7 @@ resolved config. `invoke verify` recomputes every hash and names any file that d
 
 The manifest is the record of a run, so it holds times; the artifacts themselves hold none (nor the run's
 name), which is what makes them byte-for-byte reproducible. golden/<config>.json publishes the sha256 of the
-offline default's artifacts as made on any x86-64 CPU with AVX2 (finetune/numerics.py); `invoke verify
+offline default's artifacts as made on any x86-64 CPU with AVX2 (finetune/train/numerics.py); `invoke verify
 --golden` compares a run with them and names the first artifact, in pipeline order, that differs. CI runs it,
 so every machine that runs CI proves that the build reproduces across machines.
 """
@@ -49,7 +49,7 @@ LOCKED_PACKAGES = {
 
 def stage_record(stage: str, image_attrs: dict, started: float, ended: float, run_dir: Path) -> dict:
     """What the stamp and the manifest say about one stage run besides its inputs; for train also the
-    numerical pin it ran under (CPU kernels, MKL path, threads: finetune/numerics.py, from summary.json)."""
+    numerical pin it ran under (CPU kernels, MKL path, threads: finetune/train/numerics.py, from summary.json)."""
     record = {
         "image": {"id": image_attrs["Id"], "tags": image_attrs.get("RepoTags") or [],
                   "repo_digests": image_attrs.get("RepoDigests") or []},

@@ -57,7 +57,8 @@ def other_quants(config: RunConfig) -> dict[str, ListedModel]:
 def check_inputs(config: RunConfig, run_dir: Path) -> None:
     """Raise ServeError, with the fix, when a GGUF to serve is missing."""
     convert = layout.stage_dir(run_dir, "convert")
-    missing = [Path(m.gguf).name for m, _ in served_models(config) if not (convert / Path(m.gguf).name).is_file()]
+    ggufs = [Path(m.gguf).name for m, _ in served_models(config)]
+    missing = [gguf for gguf in ggufs if not (convert / gguf).is_file()]
     if missing:
         raise ServeError(f"no {' or '.join(missing)} in {convert}: run `invoke convert` "
                          f"first (serve.quant={config.serve.quant} must be among the types it builds; the base GGUF "
@@ -70,14 +71,14 @@ def write_modelfiles(config: RunConfig, run_dir: Path) -> Path:
     the cache key."""
     config = STAGE.view(config)
     check_inputs(config, run_dir)
+    served = served_models(config)
     final = layout.stage_dir(run_dir, "serve")
     with publishing(layout.partial_dir(run_dir, "serve"), final) as work:
-        for m, turns in served_models(config):
+        for m, turns in served:
             (work / m.modelfile).write_text(modelfile.render(m.gguf, config, turns), encoding="utf-8")
         for m in other_quants(config).values():
             (work / m.modelfile).write_text(modelfile.render(m.gguf, config), encoding="utf-8")
-        (work / layout.MODELS_LIST).write_text("".join(f"{m.name} {m.modelfile} {m.gguf}\n"
-                                                       for m, _ in served_models(config)))
+        (work / layout.MODELS_LIST).write_text("".join(f"{m.name} {m.modelfile} {m.gguf}\n" for m, _ in served))
         for path in work.iterdir():
             path.chmod(0o644)  # readable by the container's user
     return final

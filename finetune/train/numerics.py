@@ -22,14 +22,15 @@ model's sha256 changed with ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine).
 
 So every x86-64 machine with AVX2 (Intel since 2013, AMD since 2015) trains the same bytes; `record()` says
 what torch really used, for summary.json and the manifest, MKL's branch as MKL itself reports it
-(MKL_VERBOSE's "CNR:" field). A CPU without AVX2 gets the DEFAULT kernels and
-MKL's COMPATIBLE path (forcing AVX2 there would stop at the first illegal instruction): reproducible among
-such machines, not equal to the published hashes, and the stage says so. On arm64 there is no MKL and ATen's
+(MKL_VERBOSE's "CNR:" field). A CPU without AVX2 gets ATen's DEFAULT kernels (forcing AVX2 there would stop
+at the first illegal instruction): reproducible among such machines, not equal to the published hashes, and
+the stage says so. On arm64 there is no MKL and ATen's
 base build is NEON ("default"): runs agree with each other on the same torch build, not with x86-64.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -81,9 +82,11 @@ def in_use() -> dict:
     }
 
 
+@functools.cache
 def mkl_branch() -> str | None:
     """The code branch MKL really runs, from MKL_VERBOSE's "CNR:" field for one small sgemm (MKL ignores a
-    branch that the CPU's vendor does not support, without a word); None without MKL or without the field."""
+    branch that the CPU's vendor does not support, without a word); None without MKL or without the field.
+    Asked once per process: MKL fixes its branch when it starts."""
     import torch
 
     if not torch.backends.mkl.is_available():

@@ -13,8 +13,9 @@ Reads the resolved run config and the data files it names; writes OUT/train/:
                     parameters, and `seconds`: wall time per phase (the stage's profile)
     inputs.json     what the stage read: its declared config values and data file digests
 Work happens in OUT/.train.partial/, which holds the checkpoints; OUT/train/ appears only when everything
-is written, so a killed run never looks finished, and a rerun with the same config resumes from the last
-checkpoint.
+is written, so a killed run never looks finished, and a rerun resumes from the last checkpoint when what the
+stage reads (its declared config keys and data files: finetune/train/__init__.py, recorded in inputs.json) is
+unchanged; a change to any other key (serve.temperature) does not throw the interrupted training away.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def lora_kwargs(config: RunConfig) -> dict:
 def train(config: RunConfig, out: Path) -> Path:
     """Fine-tune per `config` into out/train/ (see the module docstring); return that directory."""
     clock = Stopwatch()
-    # Before torch loads: the kernels, BLAS path and threads that decide the bytes (finetune/numerics.py).
+    # Before torch loads: the kernels, BLAS path and threads that decide the bytes (finetune/train/numerics.py).
     t = config.train
     pinned = numerics.pin(t.cpu_threads) if t.deterministic and t.pin_cpu else None
     import torch
