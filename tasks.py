@@ -13,6 +13,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke bench                   # every stage timed beside the plain tools: bench.md, bench.json
     ./invoke verify                  # recheck every artifact against artifacts/<run>/manifest.json
     ./invoke verify --golden         # ... and against the published hashes (golden/): same bytes everywhere
+    ./invoke families                # each chat-template family trained, converted, served and compared
     ./invoke images.ollama           # Ollama built from pinned source, for machines without a registry
     ./invoke test                    # the test suite, as CI runs it
 
@@ -36,7 +37,9 @@ from finetune.core import data as data_stage
 from finetune.core import layout
 from finetune.core.config import ConfigError, RunConfig, load_config, to_yaml
 from finetune.evaluation import evaluate
+from finetune.core.families import CASES
 from finetune.host import baseimage, cache, containers, manifest
+from finetune.evaluation import families as families_
 from finetune.serve import modelfiles
 from finetune.serve import server as serve_stage
 
@@ -402,6 +405,44 @@ def ollama(c: Context, force: bool = False) -> None:
     print(f"images.ollama: {tag} built")
 
 
+@task(iterable=["case"], help={"case": f"only this case (repeatable): {', '.join(c.name for c in CASES)}"})
+def families(c: Context, case: list[str] | None = None) -> None:
+    """Prove each chat-template family end to end: a tiny model with the family's real vocabulary and
+    template, trained, converted and served; prompts and token ids compared (finetune/evaluation/families.py)."""
+    unknown = sorted(set(case or ()) - {x.name for x in CASES})
+    if unknown:
+        raise Exit(f"families: unknown case {', '.join(unknown)}: use {', '.join(x.name for x in CASES)}", code=2)
+    chosen = [x for x in CASES if not case or x.name in case]
+    train_image, convert_image = stage_image(c, "train"), stage_image(c, "convert")
+    rows = {}
+    try:
+        source = families_.export_sources(convert_image)
+        for x in chosen:
+            print(f"families: {x.name} ({x.family}: {x.vocab} vocabulary, {x.template})", flush=True)
+            row = rows[x.name] = families_.Row(x.name, x.family, x.vocab)
+            row.test_cases = families_.build_base(x, train_image, source)["test_cases"]
+            config = str(families_.write_config(x))
+            try:
+                train(c, config=config)
+                convert(c, config=config)
+                row.convert = "ok"
+            except Exit as e:
+                row.convert = "FAILED"
+                row.problems.append(f"train or convert: {e.message}")
+        done = [x for x in chosen if rows[x.name].convert == "ok"]
+        if done:
+            families_.compare(done, train_image, convert_image, stage_image(c, "serve"), rows)
+    except (families_.FamilyError, containers.ContainerError) as e:
+        raise Exit(f"families: {e}") from e
+    report = families_.write_report(list(rows.values()))
+    print(report.read_text(encoding="utf-8"))
+    for row in rows.values():
+        for problem in row.problems:
+            print(f"families: {row.case}: {problem}", file=sys.stderr)
+    if not all(r.ok for r in rows.values()):
+        raise Exit(f"families: {sum(not r.ok for r in rows.values())} of {len(rows)} cases differ (see {report})")
+
+
 @task(help={"k": "only tests matching this expression (pytest -k)", "m": "marker expression (pytest -m)"})
 def test(c: Context, k: str | None = None, m: str | None = None) -> None:
     """Run the test suite (unit tests and the docker-marked tests that build and run real images)."""
@@ -410,7 +451,7 @@ def test(c: Context, k: str | None = None, m: str | None = None) -> None:
 
 
 images = Collection("images", base, ollama)
-ns = Collection(data, train, convert, serve, chat, stop, eval, bench, verify, test, images)
+ns = Collection(data, train, convert, serve, chat, stop, eval, bench, verify, families, test, images)
 ns.configure({
     "finetune": {
         "config": "configs/tiny-ja.yaml",

@@ -156,7 +156,9 @@ def test_the_serve_stage_writes_its_modelfiles_reading_only_declared_keys(tmp_pa
     for quant in (cfg.convert.outtype, *cfg.convert.quant_types):
         (run / "convert" / layout.model_gguf(quant)).write_bytes(b"GGUF")
     (run / "convert" / layout.base_gguf(cfg.serve.quant)).write_bytes(b"GGUF")
+    (run / "convert" / layout.CHAT_FORMAT).write_text('{"family": "llama3"}')
     out = modelfiles.write_modelfiles(cfg, run)
+    assert "<|eot_id|>" in (out / layout.MODELFILE).read_text(), "the Modelfile is the trained family's"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [layout.MODELFILE, layout.BASELINE_MODELFILE, layout.MODELS_LIST,
          *(layout.quant_modelfile(q) for q in (cfg.convert.outtype, *cfg.convert.quant_types) if q != cfg.serve.quant)])

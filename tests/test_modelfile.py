@@ -9,6 +9,7 @@ import pytest
 from support import ROOT, invoke, run_dir, sets
 
 from finetune.core import layout, modelfile_text
+from finetune.core.families import FAMILIES
 from finetune.core.config import ConfigError, load_config
 from finetune.serve import modelfile
 
@@ -40,6 +41,8 @@ REFUSED = [
     ('x"""  \r\ny', "followed by a line break", "put a character other than a space"),
 ]
 
+CHATML = FAMILIES["chatml"]
+
 
 def tiny(**serve_changes):
     config = load_config(ROOT / "configs" / "tiny-ja.yaml", root=ROOT)
@@ -48,10 +51,10 @@ def tiny(**serve_changes):
 
 def test_modelfile_has_the_training_template_its_stop_tokens_system_and_sampling():
     config = tiny()
-    text = modelfile.render("../convert/model-Q8_0.gguf", config)
+    text = modelfile.render("../convert/model-Q8_0.gguf", config, CHATML)
     lines = text.splitlines()
     assert lines[1] == "FROM ../convert/model-Q8_0.gguf"
-    assert f'TEMPLATE """{modelfile.CHATML_GO_TEMPLATE}"""' in text
+    assert f'TEMPLATE """{CHATML.go_template}"""' in text
     assert 'PARAMETER stop """<|im_end|>"""' in lines and 'PARAMETER stop """<|im_start|>"""' in lines
     for line in ("PARAMETER temperature 0.0", "PARAMETER top_p 1.0", "PARAMETER num_ctx 1024", "PARAMETER seed 42"):
         assert line in lines
@@ -61,13 +64,13 @@ def test_modelfile_has_the_training_template_its_stop_tokens_system_and_sampling
 
 def test_baseline_modelfile_adds_the_few_shot_turns_in_order():
     config = tiny()
-    text = modelfile.render("../convert/base-Q8_0.gguf", config, modelfile.few_shot_turns(config))
+    text = modelfile.render("../convert/base-Q8_0.gguf", config, CHATML, modelfile.few_shot_turns(config))
     shot = config.serve.few_shot[0]
     assert text.endswith(f'MESSAGE user """{shot.user}"""\nMESSAGE assistant """{shot.assistant}"""\n')
 
 
 def test_extra_stop_strings_follow_the_template_ones_once():
-    lines = modelfile.render("m.gguf", tiny(stop=["<|im_end|>", "###"])).splitlines()
+    lines = modelfile.render("m.gguf", tiny(stop=["<|im_end|>", "###"]), CHATML).splitlines()
     assert [x for x in lines if x.startswith("PARAMETER stop")] == [
         'PARAMETER stop """<|im_end|>"""', 'PARAMETER stop """<|im_start|>"""', 'PARAMETER stop """###"""']
 

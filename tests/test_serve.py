@@ -18,6 +18,7 @@ from support import ROOT, in_train_image, invoke, output, run_dir, sets
 from test_modelfile import CARRIED
 
 from finetune.core import data, layout
+from finetune.core.families import FAMILIES
 from finetune.core.config import FewShot, RunConfig, load_config
 from finetune.host import containers
 from finetune.serve import modelfile, modelfiles
@@ -28,6 +29,8 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 PORT = 11531  # not Ollama's default, so a developer's own Ollama does not collide
 SERVE = ("serve.port=11531",)
 SAMPLE = 20  # training questions asked of each model
+
+CHATML = FAMILIES["chatml"]
 
 
 def config(run: str, *overrides: str) -> RunConfig:
@@ -174,7 +177,7 @@ def test_ollama_renders_prompts_as_the_hf_chat_template_and_reads_every_text_bac
         cfg = base.model_copy(update={"serve": base.serve.model_copy(
             update={"system_prompt": system, "few_shot": [FewShot(**s) for s in shots]})})
         turns = modelfile.few_shot_turns(cfg)
-        (tmp_path / f"{name}.Modelfile").write_text(modelfile.render("./model.gguf", cfg, turns), encoding="utf-8")
+        (tmp_path / f"{name}.Modelfile").write_text(modelfile.render("./model.gguf", cfg, CHATML, turns), encoding="utf-8")
     (tmp_path / "models").write_text("".join(f"{name} {name}.Modelfile model.gguf\n" for name, _, _ in cases))
     for path in tmp_path.iterdir():
         path.chmod(0o644)
@@ -192,7 +195,7 @@ def test_ollama_renders_prompts_as_the_hf_chat_template_and_reads_every_text_bac
         for name, system, shots in cases:
             shown = show(port, name)
             assert shown.get("system") == system or (system is None and "system" not in shown), name
-            assert shown["template"] == modelfile.CHATML_GO_TEMPLATE
+            assert shown["template"] == CHATML.go_template
             prefix = ([{"role": "system", "content": system}] if system is not None else [])
             prefix += [{"role": r, "content": s[r]} for s in shots for r in ("user", "assistant")]
             for conversation in CONVERSATIONS:

@@ -12,7 +12,8 @@ def test_list_shows_every_task_with_its_docstring():
     import tasks
 
     names = sorted(tasks.ns.task_names)
-    assert len(names) == 12 and {"train", "convert", "serve", "eval", "bench", "verify", "images.base"} <= set(names)
+    assert len(names) == 13 and {"train", "convert", "serve", "eval", "bench", "verify", "families",
+                                 "images.base"} <= set(names)
     listing = invoke("--list").stdout
     for name in names:
         line = next((x for x in listing.splitlines() if x.strip().startswith(name + " ")), "")

@@ -14,9 +14,11 @@ Reads OUT/train/merged/ (read-only); writes OUT/convert/:
                              KL divergence from the full-precision GGUF and same-top-token rate; provenance;
                              `seconds`: wall time per phase (the stage's profile)
     inputs.json              what the stage read: its declared config values and data file digests
+    chat.json                the train stage's chat format (template, family, end of turn), for serve
 Each check must pass: the file loads in llama-cpp-python (built from the same llama.cpp source), has the
-expected architecture, the training chat template and <|im_end|> as end of turn, and a greedy answer
-stops by itself (convert.require_stop). Work happens in OUT/.convert.partial/ and moves to OUT/convert/ only
+expected architecture, the training chat template, the family's end-of-turn token among its
+end-of-generation tokens, tokenizes a chat prompt to the ids training fed (BOS included: the GGUF's
+add_bos_token must agree), and a greedy answer stops by itself (convert.require_stop). Work happens in OUT/.convert.partial/ and moves to OUT/convert/ only
 when all is done; on failure nothing is left behind.
 """
 
@@ -35,7 +37,7 @@ from finetune.core import data as datasets_
 from finetune.core import layout
 from finetune.core.config import RunConfig
 from finetune.core.stage import Stopwatch, file_sha256, publishing, stage_main
-from finetune.core.templates import CHATML_END, render_chatml
+from finetune.core.templates import encode, render, without_bos
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/opt/llama.cpp"))
 LLAMA_CPP_COMMIT = os.environ.get("LLAMA_CPP_COMMIT", "unknown")
@@ -116,9 +118,22 @@ def answers_text(path: str | Path) -> str:
                    for m in e.messages if m["role"] == "assistant")
 
 
-def conversations_text(path: str | Path) -> str:
+def conversations_text(path: str | Path, hf_dir: Path, fmt: dict) -> str:
     """The conversations of a JSONL split rendered with the chat template: the text for the imatrix."""
-    return "".join(render_chatml(e.messages) for e in datasets_.read_split(path).examples)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    return "".join(without_bos(render(tokenizer, fmt["jinja"], e.messages, False, fmt["template_vars"]),
+                               tokenizer.bos_token) for e in datasets_.read_split(path).examples)
+
+
+def chat_format(train: Path) -> dict:
+    """The train stage's chat.json: the template trained with, its family, end of turn and BOS."""
+    path = train / layout.CHAT_FORMAT
+    if not path.is_file():
+        raise ConvertError(f"{path} is missing: the train output predates per-family chat templates; "
+                           "run `invoke train --force`")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def perplexity(model: Path, text_file: Path, logits: Path | None = None, compare: bool = False) -> dict:
@@ -146,38 +161,45 @@ def perplexity_figures(output: str, compare: bool) -> dict:
             "same_top_token": number(r"Same top p:\s*([0-9.]+)")}
 
 
-def check_gguf(path: Path, hf_dir: Path, expected_arch: str, chat_template: str | None,
+def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: bool,
                prompt_messages: list[dict], require_stop: bool = True) -> dict:
-    """Load a GGUF, check its metadata and that it tokenizes a prompt exactly as the Hugging Face tokenizer in
-    hf_dir does, and generate greedily; raise ConvertError if anything is off.
+    """Load a GGUF, check its metadata and that it tokenizes a chat prompt (rendered with the trained
+    template, `fmt` from chat.json) into the ids the Hugging Face tokenizer in hf_dir gives in training, BOS
+    included, and generate greedily; raise ConvertError if anything is off.
 
-    chat_template None checks a base model: it loads and generates, but it was never taught the template
-    or to end its turn. require_stop False records how the greedy answer ended without failing on it.
+    tuned False checks a base model: it loads and generates, but it was never taught the template or to
+    end its turn. require_stop False records how the greedy answer ended without failing on it.
     """
     import gguf
+    import llama_cpp
     from llama_cpp import Llama
 
     reader = gguf.GGUFReader(path)
     field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
     arch, template = field("general.architecture"), field("tokenizer.chat_template")
-    tokens = field("tokenizer.ggml.tokens")
-    end_ids = [i for i in (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id")) if i is not None]
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     problems = []
     if arch != expected_arch:
         problems.append(f"architecture is {arch!r}, expected {expected_arch!r}")
-    tuned = chat_template is not None
-    if tuned and template != chat_template:
+    if tuned and template != fmt["jinja"]:
         problems.append("tokenizer.chat_template differs from the one the model was trained with")
-    if tuned and CHATML_END not in [tokens[i] for i in end_ids]:
-        problems.append(f"neither EOS nor EOT is {CHATML_END}: generation would not stop at the end of a turn")
+    if field("tokenizer.ggml.add_bos_token") is None:
+        problems.append("tokenizer.ggml.add_bos_token is missing: llama.cpp would then decide by vocabulary type and "
+                        f"Ollama's Go engine would add BOS; training fed {'one' if fmt['bos'] else 'none'}")
+    elif tuned and bool(field("tokenizer.ggml.add_bos_token")) != fmt["bos"]:
+        problems.append(f"tokenizer.ggml.add_bos_token is {field('tokenizer.ggml.add_bos_token')}, but training fed "
+                        f"{'a' if fmt['bos'] else 'no'} BOS")
 
     started = time.monotonic()
     llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
     load_seconds = time.monotonic() - started
-    text = render_chatml(prompt_messages, add_generation_prompt=True)
-    prompt = llm.tokenize(text.encode(), add_bos=True, special=True)  # BOS where the GGUF says so
-    if (difference := token_difference(prompt, hf_dir, text, llm)) is not None:
+    end = fmt["end_of_turn"]
+    if tuned and not llama_cpp.llama_vocab_is_eog(llm._model.vocab, fmt["end_of_turn_id"]):
+        problems.append(f"{end} (id {fmt['end_of_turn_id']}) is not an end-of-generation token of the GGUF: "
+                        "generation would not stop at the end of a turn")
+    text = render(tokenizer := _tokenizer(hf_dir), fmt["jinja"], prompt_messages, True, fmt["template_vars"])
+    prompt = llm.tokenize(without_bos(text, tokenizer.bos_token).encode(), add_bos=True, special=True)
+    if (difference := token_difference(prompt, encode(tokenizer, text)[0], tokenizer, llm)) is not None:
         problems.append(f"llama.cpp tokenizes the chat prompt differently from the trained tokenizer ({difference}): "
                         "Ollama would feed the model input it was not trained on; check that the chat markers "
                         "are special tokens in tokenizer_config.json (added_tokens_decoder)")
@@ -190,6 +212,7 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, chat_template: str 
         problems.append(f"a greedy answer (repeat penalty {REPEAT_PENALTY}) did not stop by itself within "
                         f"{MAX_NEW_TOKENS} tokens "
                         f"(runaway generation: check the chat template and end tokens): {choice['text'][:120]!r}")
+    add_bos = bool(llm._model.add_bos_token())
     del llm
     if problems:
         raise ConvertError(f"{path.name} failed its checks: " + "; ".join(problems))
@@ -197,18 +220,20 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, chat_template: str 
     return {
         "file": path.name, "size_bytes": size, "bits_per_weight": round(size * 8 / n_params, 3),
         "parameters": n_params, "sha256": file_sha256(path), "load_seconds": round(load_seconds, 3),
-        "architecture": arch, "end_of_turn": CHATML_END,
+        "architecture": arch, "end_of_turn": end, "add_bos": add_bos,
         "greedy_answer": choice["text"], "generated_tokens": result["usage"]["completion_tokens"],
         "finish_reason": choice["finish_reason"],
     }
 
 
-def token_difference(ours: list[int], hf_dir: Path, text: str, llm) -> str | None:
-    """Where llama.cpp's tokens of `text` first differ from the Hugging Face tokenizer's, or None."""
+def _tokenizer(hf_dir: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    theirs = tokenizer(text)["input_ids"]
+    return AutoTokenizer.from_pretrained(hf_dir)
+
+
+def token_difference(ours: list[int], theirs: list[int], tokenizer, llm) -> str | None:
+    """Where llama.cpp's tokens first differ from the ids training fed, or None."""
     if ours == theirs:
         return None
     i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -223,8 +248,11 @@ def convert(config: RunConfig, out: Path) -> Path:
     merged, work, final = train / layout.MERGED, layout.partial_dir(out, "convert"), layout.stage_dir(out, "convert")
     clock = Stopwatch()
     hf_config = check_merged(merged)
+    fmt = chat_format(train)
     with publishing(work, final):
         STAGE.write_inputs(config, work)
+        (work / layout.CHAT_FORMAT).write_text((train / layout.CHAT_FORMAT).read_text(encoding="utf-8"),
+                                               encoding="utf-8")
         c = config.convert
         # No run name and no time: the same config gives the same bytes in any run (golden/, verify --golden).
         description = (f"fine-tuned by finetune from {config.model.id}"
@@ -237,7 +265,7 @@ def convert(config: RunConfig, out: Path) -> Path:
         imatrix = None
         if c.imatrix:
             text = work / "imatrix-input.txt"
-            text.write_text(conversations_text(config.data.train), encoding="utf-8")
+            text.write_text(conversations_text(config.data.train, merged, fmt), encoding="utf-8")
             imatrix = work / "imatrix.gguf"
             run_tool(["llama-imatrix", "-m", str(full), "-f", str(text), "-o", str(imatrix), "-c", "128"],
                      "computing the importance matrix")
@@ -254,9 +282,6 @@ def convert(config: RunConfig, out: Path) -> Path:
             files.append((f"base {config.serve.quant}", base_gguf(base, work, config, description)))
             clock.lap("baseline GGUF")
 
-        template = json.loads((merged / "tokenizer_config.json").read_text()).get("chat_template")
-        if template is None and (merged / "chat_template.jinja").is_file():
-            template = (merged / "chat_template.jinja").read_text(encoding="utf-8")
         first = datasets_.read_split(config.data.train).examples[0].messages
         prompt = list(first[: next(i for i, m in enumerate(first) if m["role"] == "user") + 1])
         reference = None
@@ -267,8 +292,7 @@ def convert(config: RunConfig, out: Path) -> Path:
         for kind, path in files:
             baseline = kind.startswith("base")
             row = {"type": kind, **check_gguf(path, train / (layout.BASE if baseline else layout.MERGED),
-                                              hf_config["model_type"], None if baseline else template, prompt,
-                                              c.require_stop)}
+                                              hf_config["model_type"], fmt, not baseline, prompt, c.require_stop)}
             clock.lap("checks")
             if reference is not None and baseline:
                 row |= perplexity(path, reference)
@@ -307,7 +331,7 @@ def base_gguf(base: Path, work: Path, config: RunConfig, description: str) -> Pa
 def print_table(rows: list[dict]) -> None:
     print(f"{'file':<22} {'type':<12} {'size':>10} {'bpw':>6} {'load s':>7} {'ppl':>9}  sha256")
     for r in rows:
-        ppl = f"{r['perplexity']:.3f}" if r["perplexity"] is not None else "-"
+        ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") is not None else "-"  # no data.eval: none
         print(f"{r['file']:<22} {r['type']:<12} {r['size_bytes'] / 2**20:>8.2f}MB {r['bits_per_weight']:>6.2f} "
               f"{r['load_seconds']:>7.3f} {ppl:>9}  {r['sha256'][:16]}")
 

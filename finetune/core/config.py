@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from finetune.core import layout, modelfile_text
+from finetune.core import families, layout, modelfile_text
 
 # llama-quantize types this project builds and checks. IQ* types need an importance matrix for every
 # tensor and are left out until the convert stage computes one by default.
@@ -52,9 +52,12 @@ class ModelSection(_Section):
         pattern=r"^[0-9a-f]{40}$",
         description="the 40-hex commit of the hub repository, so every run trains the same weights",
     )
-    chat_template: Literal["chatml"] = Field(
-        "chatml",
-        description="the chat format used in training and, identically, in the Ollama Modelfile",
+    chat_template: str = Field(
+        "auto",
+        min_length=1,
+        description="the chat template trained with and rendered identically by the Ollama Modelfile: auto (the "
+        "base model's own), a family (" + families.supported() + ") for its reference template, or a path "
+        "to a .jinja file relative to the project root",
     )
 
 
@@ -298,6 +301,13 @@ def _cross_checks(config: RunConfig, root: Path) -> list[tuple[tuple, str, str]]
     if is_hub_id and m.revision is None:
         found.append((("model", "revision"), f"hub model {m.id!r} has no pinned revision",
                       "set model.revision to the 40-hex commit id shown on the model's 'Files' page"))
+    if m.chat_template != "auto" and m.chat_template not in families.FAMILIES:
+        if not m.chat_template.endswith(".jinja"):
+            found.append((("model", "chat_template"), f"{m.chat_template!r} is neither auto, a family nor a .jinja file",
+                          f"use auto, one of {families.supported()}, or a path to a .jinja file"))
+        elif not (root / m.chat_template).is_file():
+            found.append((("model", "chat_template"), f"file not found: {m.chat_template}",
+                          "give a path relative to the project root"))
     for key in ("train", "eval"):
         rel = getattr(d, key)
         if rel is not None and not (root / rel).is_file():

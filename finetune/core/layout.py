@@ -75,6 +75,7 @@ def is_builtin(model_id: str) -> bool:
 MERGED, BASE, ADAPTER = "merged", "base", "adapter"  # the fine-tuned model, its base (for the baseline), LoRA
 SUMMARY, METRICS, LOSS_PLOT = "summary.json", "metrics.jsonl", "loss.png"
 INPUTS = "inputs.json"  # what a stage read: its declared config values and file digests (resume check)
+CHAT_FORMAT = "chat.json"  # the chat template trained with and its family (train/, copied to convert/)
 
 
 # ---- convert/ ----

@@ -40,7 +40,8 @@ class Stage:
     """What one stage reads and writes; declared in finetune/<stage>/__init__.py, beside its code.
 
     params    config keys it reads; a key covers everything below it ("train" covers "train.rank")
-    files     config keys that name files it reads; their content (sha256) is part of its key
+    files     config keys that may name local files or directories it reads (a model directory, a template);
+              their content (sha256) is part of its key when they exist (a hub id or keyword is no path)
     upstream  the stage whose output it reads, or None
     outs      what it writes, relative to the run directory
     code      for a stage that runs on the host, the source folders whose content is part of its key (a stage
@@ -64,7 +65,8 @@ class Stage:
         names. Its output's inputs.json holds it, and an interrupted stage resumes only if it is unchanged."""
         values = flatten(_whole(config).model_dump(mode="json"))
         return {"config": {k: v for k, v in values.items() if self.declares(k)},
-                "files": {values[k]: file_sha256(root / values[k]) for k in self.files if values.get(k) is not None}}
+                "files": {values[k]: path_sha256(root / values[k]) for k in self.files
+                          if values.get(k) is not None and (root / values[k]).exists()}}
 
     def write_inputs(self, config: RunConfig, work: Path) -> None:
         """Write what the stage read (`read`) into its output, as inputs.json."""
@@ -158,6 +160,16 @@ def file_sha256(path: Path) -> str:
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def path_sha256(path: Path) -> str:
+    """file_sha256 of a file; of a directory, the digest of its files' relative paths and digests."""
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for p in sorted(x for x in path.rglob("*") if x.is_file()):
+        digest.update(f"{p.relative_to(path).as_posix()}\0{file_sha256(p)}\n".encode())
     return digest.hexdigest()
 
 

@@ -1,7 +1,7 @@
 """The serve stage's output, written on the host: artifacts/<run>/serve/, the Modelfiles and the models list.
 
-    Modelfile           the fine-tuned model: FROM ../convert/model-<serve.quant>.gguf, the training chat
-                        template, its stop tokens, SYSTEM and the sampling parameters
+    Modelfile           the fine-tuned model: FROM ../convert/model-<serve.quant>.gguf, the Go template and
+                        stop tokens of the family trained with (convert/chat.json), SYSTEM and sampling
     Modelfile.baseline  when serve.baseline: the base model with the same SYSTEM plus the few-shot turns
                         (MESSAGE): the prompt engineering to try before fine-tuning
     Modelfile.<QUANT>   the fine-tuned model at each other built type; created on demand (`invoke eval`)
@@ -13,10 +13,11 @@ The Modelfiles work outside the container too: `cd artifacts/<run>/serve && olla
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.core import layout
+from finetune.core import families, layout
 from finetune.core.config import RunConfig
 from finetune.core.stage import publishing
 from finetune.serve import STAGE, modelfile
@@ -65,19 +66,33 @@ def check_inputs(config: RunConfig, run_dir: Path) -> None:
                          "is built when serve.baseline is true)")
 
 
+def trained_family(run_dir: Path) -> families.Family:
+    """The chat-template family the model was trained with (convert/chat.json, from the train stage)."""
+    path = layout.stage_dir(run_dir, "convert") / layout.CHAT_FORMAT
+    try:
+        name = json.loads(path.read_text(encoding="utf-8"))["family"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ServeError(f"cannot read the trained chat format from {path} ({e}): run `invoke convert --force`") from e
+    if name not in families.FAMILIES:
+        raise ServeError(f"{path} names the chat-template family {name!r}, which this version has no Ollama "
+                         f"template for ({families.supported()}): run `invoke train --force`")
+    return families.FAMILIES[name]
+
+
 def write_modelfiles(config: RunConfig, run_dir: Path) -> Path:
     """Write run_dir/serve/ (see the module docstring) from the convert stage's GGUFs; return the directory.
     Reads the config through the stage's declaration, so an undeclared key fails here rather than missing
     the cache key."""
     config = STAGE.view(config)
     check_inputs(config, run_dir)
+    family = trained_family(run_dir)
     served = served_models(config)
     final = layout.stage_dir(run_dir, "serve")
     with publishing(layout.partial_dir(run_dir, "serve"), final) as work:
         for m, turns in served:
-            (work / m.modelfile).write_text(modelfile.render(m.gguf, config, turns), encoding="utf-8")
+            (work / m.modelfile).write_text(modelfile.render(m.gguf, config, family, turns), encoding="utf-8")
         for m in other_quants(config).values():
-            (work / m.modelfile).write_text(modelfile.render(m.gguf, config), encoding="utf-8")
+            (work / m.modelfile).write_text(modelfile.render(m.gguf, config, family), encoding="utf-8")
         (work / layout.MODELS_LIST).write_text("".join(f"{m.name} {m.modelfile} {m.gguf}\n" for m, _ in served))
         for path in work.iterdir():
             path.chmod(0o644)  # readable by the container's user

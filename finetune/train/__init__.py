@@ -10,7 +10,7 @@ from finetune.core.stage import Stage
 STAGE = Stage(
     name="train",
     params=("model", "data", "train", "serve.baseline"),  # serve.baseline: keep the base for the baseline
-    files=("data.train", "data.eval"),
+    files=("data.train", "data.eval", "model.id", "model.chat_template"),  # a local model directory, a .jinja
     upstream=None,
     outs=("train",),
 )

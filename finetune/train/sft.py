@@ -5,6 +5,7 @@
 Reads the resolved run config and the data files it names; writes OUT/train/:
     adapter/        the LoRA adapter (peft)
     merged/         the adapter merged into a 16-bit copy of the base, tokenizer and chat template included
+    chat.json       the chat template trained with, its family, end-of-turn token and BOS (finetune/train/chat.py)
     base/           the base model itself (16-bit), for the baseline that `invoke serve` offers beside the
                     fine-tuned model: the tiny model built offline, or a hub model when serve.baseline is on
     metrics.jsonl   one line per logging step: loss, eval loss, lr, tokens/s, peak memory
@@ -32,23 +33,20 @@ from finetune.core import data as datasets_
 from finetune.core import layout
 from finetune.core.config import RunConfig
 from finetune.core.stage import Stopwatch, publish, stage_main
-from finetune.core.templates import CHATML_END, CHATML_JINJA, chatml_spans, save_tokenizer
-from finetune.train import STAGE, numerics
+from finetune.core.templates import encode, save_tokenizer
+from finetune.train import STAGE, chat, numerics
 
 
 class TrainError(RuntimeError):
     """A precondition of training that failed; the message says what to do."""
 
 
-def tokenize(examples, tokenizer, assistant_only: bool) -> dict[str, list]:
-    """input_ids (BOS + ChatML) and assistant_masks (1 where the loss applies) for each example."""
+def tokenize(examples, tokenizer, fmt: chat.ChatFormat, assistant_only: bool) -> dict[str, list]:
+    """input_ids (the chat template's rendering) and assistant_masks (1 where the loss applies) per example."""
     ids, masks = [], []
     for example in examples:
-        text, spans = chatml_spans(example.messages)
-        encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-        mask = [int(not assistant_only or any(s <= a and b <= e and b > a for s, e in spans))
-                for a, b in encoded["offset_mapping"]]
-        ids.append(encoded["input_ids"])
+        tokens, mask = encode(tokenizer, *chat.assistant_spans(fmt, tokenizer, example.messages), assistant_only)
+        ids.append(tokens)
         masks.append(mask)
     return {"input_ids": ids, "assistant_masks": masks}
 
@@ -120,7 +118,6 @@ def load_tokenizer(source: str, config: RunConfig):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, **pinned(config))
-    tokenizer.chat_template = CHATML_JINJA  # what Ollama's TEMPLATE renders too
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -187,13 +184,17 @@ def train(config: RunConfig, out: Path) -> Path:
     source = base_model_dir(config, work)
     clock.lap("base model")  # the tiny model is built here; a hub model loads below
     tokenizer = load_tokenizer(source, config)
+    fmt = chat.resolve(config.model.chat_template, tokenizer, config.model.id)  # installs the template
+    fmt.write(work)
+    print(f"train: chat template {fmt.family} ({fmt.source}, sha256 {fmt.sha256[:12]}), turns end with "
+          f"{fmt.end_of_turn}, BOS {'added' if fmt.bos else 'none'}", flush=True)
 
-    count = lambda messages: len(tokenizer(chatml_spans(messages)[0])["input_ids"])  # noqa: E731
+    count = lambda messages: len(encode(tokenizer, chat.assistant_spans(fmt, tokenizer, messages)[0])[0])  # noqa: E731
     splits, problems, _ = datasets_.check(config.data.train, config.data.eval, config.data.format,
                                           config.data.max_seq_len, count, config.data.limit)
     if problems:
         raise TrainError("the dataset has problems (run ./invoke data for all of them):\n  " + "\n  ".join(problems))
-    columns = [tokenize(s.examples, tokenizer, config.train.assistant_only_loss) for s in splits]
+    columns = [tokenize(s.examples, tokenizer, fmt, config.train.assistant_only_loss) for s in splits]
     train_set = Dataset.from_dict(columns[0])
     eval_set = Dataset.from_dict(columns[1]) if len(columns) > 1 else None
 
@@ -239,7 +240,7 @@ def train(config: RunConfig, out: Path) -> Path:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     clock.lap("eval after")
     trainer.model.save_pretrained(work / layout.ADAPTER)
-    merge(source, config, work / layout.ADAPTER, work / layout.MERGED, tokenizer, dtype_name)
+    merge(source, config, work / layout.ADAPTER, work / layout.MERGED, tokenizer, fmt, dtype_name)
     clock.lap("save and merge")
     plot_loss(work / layout.METRICS, work / layout.LOSS_PLOT, summary)
     clock.lap("plot")
@@ -250,7 +251,8 @@ def train(config: RunConfig, out: Path) -> Path:
     return final
 
 
-def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, dtype_name: str) -> None:
+def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, fmt: chat.ChatFormat,
+          dtype_name: str) -> None:
     """Reload the base in 16 bits (never 4-bit), apply the adapter, merge it in and save with the tokenizer;
     keep that base beside it for the serve stage's baseline when it is not there yet."""
     import torch
@@ -260,16 +262,17 @@ def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, d
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
     base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **pinned(config))
     if config.serve.baseline and not (out.parent / layout.BASE / "config.json").is_file():
-        save_model(base, tokenizer, source, out.parent / layout.BASE)
+        save_model(base, tokenizer, source, out.parent / layout.BASE, fmt.bos)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    merged.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(CHATML_END)
-    save_model(merged, tokenizer, source, out)
+    merged.generation_config.eos_token_id = fmt.end_of_turn_id  # generation ends with the turn
+    save_model(merged, tokenizer, source, out, fmt.bos)
 
 
-def save_model(model, tokenizer, source: str, out: Path) -> None:
-    """Weights, tokenizer (special tokens listed for llama.cpp) and the SentencePiece model if the base has one."""
+def save_model(model, tokenizer, source: str, out: Path, add_bos: bool) -> None:
+    """Weights, tokenizer (special tokens and BOS stated for llama.cpp) and the SentencePiece model if the
+    base has one."""
     model.save_pretrained(out)
-    save_tokenizer(tokenizer, out)
+    save_tokenizer(tokenizer, out, add_bos)
     if (Path(source) / "tokenizer.model").is_file():  # llama.cpp's converter reads the SentencePiece model
         shutil.copy2(Path(source) / "tokenizer.model", out / "tokenizer.model")
 
@@ -299,7 +302,8 @@ def eval_loss(model_dir: str | Path, jsonl: str | Path) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    columns = tokenize(datasets_.read_split(jsonl).examples, tokenizer, assistant_only=True)
+    fmt = chat.resolve("auto", tokenizer, str(model_dir))
+    columns = tokenize(datasets_.read_split(jsonl).examples, tokenizer, fmt, assistant_only=True)
     total, count = 0.0, 0
     with torch.no_grad():
         for ids, mask in zip(columns["input_ids"], columns["assistant_masks"]):
@@ -311,7 +315,8 @@ def eval_loss(model_dir: str | Path, jsonl: str | Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, "Fine-tune the base model of a run config (LoRA/QLoRA).", train, (TrainError,), argv)
+    return stage_main(STAGE, "Fine-tune the base model of a run config (LoRA/QLoRA).", train,
+                      (TrainError, chat.TemplateError), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,209 @@
+"""Chat-template families: for each, the Ollama Go TEMPLATE that renders what the family's Jinja renders.
+
+A model keeps the chat template it was trained with; Ollama, though, renders prompts with the Go template
+of the Modelfile (its own detection of a GGUF's Jinja template accepts only near-copies of the templates it
+knows, and maps some families to the wrong one). So the Modelfile's TEMPLATE comes from here, chosen by
+what the model's Jinja template *does*, not by its name:
+
+- Each Family has a Go template, its stop strings, the token that ends an assistant turn (which the loss
+  keeps, so the model learns to stop), the Jinja variables training fixes (Llama 3's date, which the real
+  template takes from the clock), and `render`: the Go template's output written in Python.
+- `PROBES` are conversations (with and without a system prompt, multi-turn, Japanese, line breaks). The
+  train stage renders them with the model's Jinja template (transformers' apply_chat_template) and keeps the
+  family whose `render` gives the same strings, byte for byte, leading BOS aside (serving adds BOS as a token,
+  per the GGUF's add_bos_token). No family matching is an error that names the families, never a guess.
+- That `render` equals Ollama's rendering of the Go template is proven per family with a real Ollama
+  (tests/test_families.py, `invoke families`).
+
+Jinja that a Go template cannot express is left out on purpose: Llama 3 trims each message (Go templates
+have no trim), so contents with leading or trailing white space render differently; the probes and the
+data check keep to contents without it (finetune/core/data.py warns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+Messages = Sequence[dict]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A chat format that this project trains and serves identically (see the module docstring)."""
+
+    name: str
+    title: str  # the models it is for, as the README's table names them
+    go_template: str
+    stop: tuple[str, ...]  # PARAMETER stop: the end of a turn, and the start of a next one
+    end_of_turn: str  # the token that closes an assistant turn: in the loss, and an end-of-generation token
+    render: Callable[[Messages, bool, bool | None], str]  # (messages, add_generation_prompt, think) -> text
+    template_vars: dict = field(default_factory=dict)  # fixed Jinja variables of training
+    thinking: bool = False  # the template has a thinking switch (Ollama's `think`, Jinja's enable_thinking)
+    reference: str = ""  # the template file, in llama.cpp's models/templates, of the model it was written from
+
+
+def _chatml_turns(messages: Messages) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+def _render_chatml(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
+    return _chatml_turns(messages) + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+CHATML_GO = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def _render_qwen25(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
+    default = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n"
+    return default + _render_chatml(messages, add_generation_prompt)
+
+
+QWEN25_GO = ('{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system\n'
+             + QWEN_SYSTEM + "<|im_end|>\n{{ end }}" + CHATML_GO)
+
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def _render_qwen3(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
+    """Qwen 3: ChatML; an assistant turn after the last user turn that ends the conversation carries an empty
+    thinking block; the generation prompt carries one when thinking is switched off."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    text = ""
+    for i, m in enumerate(messages):
+        body = m["content"]
+        if m["role"] == "assistant" and i > last_user and i == len(messages) - 1:
+            body = EMPTY_THINK + body.lstrip("\n")
+        text += f"<|im_start|>{m['role']}\n{body}<|im_end|>\n"
+    if add_generation_prompt:
+        text += "<|im_start|>assistant\n" + (EMPTY_THINK if think is False else "")
+    return text
+
+
+# The never-true `.Thinking` branch names the thinking tags, from which Ollama infers that the model thinks
+# (so `think` is accepted and the answer's <think> part is returned as `thinking`); it renders nothing, as
+# Qwen 3's Jinja drops the thinking of every answer before the last user turn.
+QWEN3_GO = (
+    '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ if and .Thinking (eq .Role "none") }}<think>{{ .Thinking }}'
+    "</think>{{ end }}{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    '{{ if and $.IsThinkSet (not $.Think) }}' + EMPTY_THINK + "{{ end }}"
+)
+
+LLAMA3_DATE = "26 Jul 2024"  # the real template's own fallback; Llama 3.2's takes today's date otherwise
+LLAMA3_HEAD = "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: "
+
+
+def _render_llama3(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    system, rest = (messages[0]["content"], messages[1:]) if has_system else ("", messages)
+    text = f"{LLAMA3_HEAD}{LLAMA3_DATE}\n\n{system}<|eot_id|>"
+    text += "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in rest)
+    return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
+LLAMA3_GO = (
+    LLAMA3_HEAD + LLAMA3_DATE + "\n\n"
+    + '{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (eq $m.Role "system") }}{{ $m.Content }}{{ end }}{{ end }}'
+    + "<|eot_id|>"
+    + '{{ range $i, $m := .Messages }}{{ if not (and (eq $i 0) (eq $m.Role "system")) }}'
+    + "<|start_header_id|>{{ $m.Role }}<|end_header_id|>\n\n{{ $m.Content }}<|eot_id|>{{ end }}{{ end }}"
+    + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+PHI3_EOS = "<|endoftext|>"
+
+
+def _render_phi3(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
+    """Phi-3.5: an empty system turn is left out; a finished conversation ends with the EOS text."""
+    text = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages
+                   if m["role"] in ("user", "assistant") or (m["role"] == "system" and m["content"]))
+    return text + ("<|assistant|>\n" if add_generation_prompt else PHI3_EOS)
+
+
+PHI3_GO = (
+    '{{- range .Messages }}{{ if or (ne .Role "system") .Content }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n'
+    "{{ end }}{{ end }}<|assistant|>\n"
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("chatml", "ChatML (the offline toy; any model trained on plain ChatML)", CHATML_GO,
+           ("<|im_end|>", "<|im_start|>"), "<|im_end|>", _render_chatml),
+    Family("qwen2.5", "Qwen 2.5 Instruct", QWEN25_GO, ("<|im_end|>", "<|im_start|>"), "<|im_end|>",
+           _render_qwen25, reference="Qwen-Qwen2.5-7B-Instruct.jinja"),
+    Family("qwen3", "Qwen 3 (thinking on and off)", QWEN3_GO, ("<|im_end|>", "<|im_start|>"), "<|im_end|>",
+           _render_qwen3, thinking=True, reference="Qwen-Qwen3-0.6B.jinja"),
+    Family("llama3", "Llama 3.1, 3.2, 3.3 Instruct", LLAMA3_GO,
+           ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"), "<|eot_id|>", _render_llama3,
+           template_vars={"date_string": LLAMA3_DATE}, reference="meta-llama-Llama-3.2-3B-Instruct.jinja"),
+    Family("phi3", "Phi-3 / Phi-3.5 Instruct", PHI3_GO, ("<|end|>", "<|user|>", "<|assistant|>", PHI3_EOS),
+           "<|end|>", _render_phi3, reference="microsoft-Phi-3.5-mini-instruct.jinja"),
+)}
+
+# Conversations every family's Jinja and Go template must render identically (see the module docstring).
+_Q1, _A1 = "商品を返品したいです", "返品承知いたしました。14日以内であれば返品を承ります。"
+_Q2 = "送料は？\n着払いでも\"いい\"ですか？"
+PROBES: tuple[tuple[dict, ...], ...] = (
+    ({"role": "user", "content": _Q1},),
+    ({"role": "system", "content": "あなたは丁寧なサポート担当です。"}, {"role": "user", "content": _Q1}),
+    ({"role": "user", "content": _Q1}, {"role": "assistant", "content": _A1}, {"role": "user", "content": _Q2}),
+    ({"role": "system", "content": "Be brief.\nAnswer in Japanese."}, {"role": "user", "content": "Hello"},
+     {"role": "assistant", "content": "こんにちは"}, {"role": "user", "content": _Q2}),
+)
+
+
+def probe_renderings(family: Family, think: bool | None = None) -> list[str]:
+    """The family's rendering of every probe: each with the generation prompt, and each answered (the full
+    text training sees). The train stage compares these with the model's Jinja template."""
+    answered = [(*p, {"role": "assistant", "content": _A1}) for p in PROBES]
+    return [family.render(p, True, think) for p in PROBES] + [family.render(p, False, think) for p in answered]
+
+
+def probe_conversations() -> list[tuple[list[dict], bool]]:
+    """(messages, add_generation_prompt) in the order of probe_renderings."""
+    answered = [[*p, {"role": "assistant", "content": _A1}] for p in PROBES]
+    return [(list(p), True) for p in PROBES] + [(a, False) for a in answered]
+
+
+def supported() -> str:
+    """The family names, for error messages."""
+    return ", ".join(FAMILIES)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the family matrix (`invoke families`): a tiny random model with a real vocabulary and
+    template from llama.cpp's models/ (finetune/train/vocab_models.py), trained, converted and served."""
+
+    name: str
+    family: str
+    vocab: str  # models/ggml-vocab-<vocab>.gguf
+    template: str  # models/templates/<template>
+    architecture: str  # the transformers class
+    eos: str  # the tokenizer's eos_token, as the real instruct model's tokenizer_config.json sets it
+    added_tokens: tuple[tuple[int, str, bool], ...] = ()  # (id, text, special) the vocabulary file predates
+    spm_pieces: int = 0  # SentencePiece: pieces in tokenizer.model; the rest are added tokens
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+# Qwen 2.5's added tokens after <|im_end|> (151645); the qwen2 vocabulary file has [PAD] there. Qwen 3 adds four.
+_QWEN25_ADDED = tuple((151646 + i, t, t.startswith("<|")) for i, t in enumerate((
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+    "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>")))
+_QWEN3_ADDED = _QWEN25_ADDED + tuple((151665 + i, t, False) for i, t in enumerate((
+    "<tool_response>", "</tool_response>", "<think>", "</think>")))
+
+CASES: tuple[Case, ...] = (
+    Case("llama3.1", "llama3", "llama-bpe", "meta-llama-Llama-3.1-8B-Instruct.jinja", "LlamaForCausalLM",
+         "<|eot_id|>"),
+    Case("llama3.2", "llama3", "llama-bpe", "meta-llama-Llama-3.2-3B-Instruct.jinja", "LlamaForCausalLM",
+         "<|eot_id|>"),
+    Case("qwen2.5", "qwen2.5", "qwen2", "Qwen-Qwen2.5-7B-Instruct.jinja", "Qwen2ForCausalLM", "<|im_end|>",
+         _QWEN25_ADDED),
+    Case("qwen3", "qwen3", "qwen2", "Qwen-Qwen3-0.6B.jinja", "Qwen3ForCausalLM", "<|im_end|>", _QWEN3_ADDED),
+    Case("phi3.5", "phi3", "phi-3", "microsoft-Phi-3.5-mini-instruct.jinja", "Phi3ForCausalLM", PHI3_EOS,
+         spm_pieces=32000, target_modules=("qkv_proj", "o_proj")),
+)
