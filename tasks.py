@@ -36,10 +36,10 @@ from finetune import bench as bench_
 from finetune.core import data as data_stage
 from finetune.core import layout
 from finetune.core.config import ConfigError, RunConfig, load_config, to_yaml
-from finetune.evaluation import evaluate
 from finetune.core.families import CASES
-from finetune.host import baseimage, cache, containers, manifest
+from finetune.evaluation import evaluate
 from finetune.evaluation import families as families_
+from finetune.host import baseimage, cache, containers, manifest
 from finetune.serve import modelfiles
 from finetune.serve import server as serve_stage
 

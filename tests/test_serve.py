@@ -18,8 +18,8 @@ from support import ROOT, in_train_image, invoke, output, run_dir, sets
 from test_modelfile import CARRIED
 
 from finetune.core import data, layout
-from finetune.core.families import FAMILIES
 from finetune.core.config import FewShot, RunConfig, load_config
+from finetune.core.families import FAMILIES
 from finetune.host import containers
 from finetune.serve import modelfile, modelfiles
 from finetune.serve import server as serve
@@ -177,7 +177,8 @@ def test_ollama_renders_prompts_as_the_hf_chat_template_and_reads_every_text_bac
         cfg = base.model_copy(update={"serve": base.serve.model_copy(
             update={"system_prompt": system, "few_shot": [FewShot(**s) for s in shots]})})
         turns = modelfile.few_shot_turns(cfg)
-        (tmp_path / f"{name}.Modelfile").write_text(modelfile.render("./model.gguf", cfg, CHATML, turns), encoding="utf-8")
+        text = modelfile.render("./model.gguf", cfg, CHATML, turns)
+        (tmp_path / f"{name}.Modelfile").write_text(text, encoding="utf-8")
     (tmp_path / "models").write_text("".join(f"{name} {name}.Modelfile model.gguf\n" for name, _, _ in cases))
     for path in tmp_path.iterdir():
         path.chmod(0o644)

@@ -38,10 +38,10 @@ def test_assistant_masks_mark_exactly_each_answer_and_its_end_marker(trained_run
     assistant_only_loss off every token counts."""
     code = (
         "import json; from transformers import AutoTokenizer; from finetune.core.data import Example; "
-        "from finetune.train.sft import tokenize; "
-        "t = AutoTokenizer.from_pretrained('/artifacts/train/merged'); "
+        "from finetune.train.sft import tokenize; from finetune.train import chat; "
+        "t = AutoTokenizer.from_pretrained('/artifacts/train/merged'); f = chat.resolve('auto', t, 'merged'); "
         f"e = Example(messages={CONVERSATION!r}, where='x'); "
-        "on, off = tokenize([e], t, True), tokenize([e], t, False); "
+        "on, off = tokenize([e], t, f, True), tokenize([e], t, f, False); "
         "ids, mask = on['input_ids'][0], on['assistant_masks'][0]; "
         "runs, cur = [], []\n"
         "for i, m in zip(ids, mask):\n"

@@ -18,7 +18,8 @@ Reads OUT/train/merged/ (read-only); writes OUT/convert/:
 Each check must pass: the file loads in llama-cpp-python (built from the same llama.cpp source), has the
 expected architecture, the training chat template, the family's end-of-turn token among its
 end-of-generation tokens, tokenizes a chat prompt to the ids training fed (BOS included: the GGUF's
-add_bos_token must agree), and a greedy answer stops by itself (convert.require_stop). Work happens in OUT/.convert.partial/ and moves to OUT/convert/ only
+add_bos_token must agree), and a greedy answer stops by itself (convert.require_stop). Work happens in
+OUT/.convert.partial/ and moves to OUT/convert/ only
 when all is done; on failure nothing is left behind.
 """
 

@@ -303,7 +303,8 @@ def _cross_checks(config: RunConfig, root: Path) -> list[tuple[tuple, str, str]]
                       "set model.revision to the 40-hex commit id shown on the model's 'Files' page"))
     if m.chat_template != "auto" and m.chat_template not in families.FAMILIES:
         if not m.chat_template.endswith(".jinja"):
-            found.append((("model", "chat_template"), f"{m.chat_template!r} is neither auto, a family nor a .jinja file",
+            found.append((("model", "chat_template"),
+                          f"{m.chat_template!r} is neither auto, a family nor a .jinja file",
                           f"use auto, one of {families.supported()}, or a path to a .jinja file"))
         elif not (root / m.chat_template).is_file():
             found.append((("model", "chat_template"), f"file not found: {m.chat_template}",

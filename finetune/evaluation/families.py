@@ -33,8 +33,8 @@ from pathlib import Path
 import yaml
 
 from finetune.core import families, layout
-from finetune.core.families import CASES, FAMILIES, Case
 from finetune.core.config import FewShot, load_config
+from finetune.core.families import CASES, FAMILIES, Case
 from finetune.host import containers
 from finetune.serve import modelfile
 
@@ -60,6 +60,7 @@ class Row:
     runner: str = ""
     test_cases: int = 0
     trained: str = ""  # "ok" or what the loss trains instead
+    trained_runs: list[str] = field(default_factory=list)  # the masked tokens of ANSWERED + ANSWER, decoded
     convert: str = ""
     prompts: list[int] = field(default_factory=lambda: [0, 0])  # identical, compared
     ids: list[int] = field(default_factory=lambda: [0, 0])
@@ -99,7 +100,8 @@ def build_base(case: Case, image: str, source: Path) -> dict:
 
 
 def write_config(case: Case) -> Path:
-    """The run config of a case: its tiny model, 2 LoRA steps (the first 50 conversations, the least the data check accepts), Q8_0, no baseline."""
+    """The run config of a case: its tiny model, 2 LoRA steps (on the first 50 conversations, the fewest the
+    data check accepts), Q8_0, no baseline."""
     path = case_dir(case) / "config.yaml"
     path.write_text(yaml.safe_dump({
         "run": f"family-{case.name}",
@@ -205,8 +207,8 @@ def logged_requests(log: str) -> list[tuple[str, list[int] | None]]:
     for i, mark in enumerate(marks):
         prompt = go_unquote(mark.group(1))
         segment = log[mark.end():marks[i + 1].start() if i + 1 < len(marks) else len(log)]
-        ids = [[int(x) for x in numbers.split()] for text, numbers in
-               re.findall(r"msg=encoded string=" + QUOTED + r' ids="?\[([0-9 ]*)\]', segment) if go_unquote(text) == prompt]
+        encoded = re.findall(r"msg=encoded string=" + QUOTED + r' ids="?\[([0-9 ]*)\]', segment)
+        ids = [[int(x) for x in numbers.split()] for text, numbers in encoded if go_unquote(text) == prompt]
         found.append((prompt, ids[0] if ids else None))
     return found
 
@@ -279,6 +281,7 @@ def compare(cases: list[Case], train_image: str, convert_image: str, serve_image
     for j, case in enumerate(cases):
         trained = expected[len(asked) + j]["trained"]
         wanted = expected_answers(FAMILIES[case.family], ANSWERED, ANSWER)
+        rows[case.name].trained_runs = trained
         rows[case.name].trained = "ok" if trained == wanted else f"{trained!r}, expected {wanted!r}"
         if trained != wanted:
             rows[case.name].problems.append(f"the loss trains {trained!r}, expected {wanted!r}")

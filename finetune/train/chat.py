@@ -118,7 +118,8 @@ class _Differs(Exception):
 
 def _first_difference(got: str, expected: str) -> str:
     at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-    return f"at character {at} the template renders {got[at:at + 40]!r}, the family's Go template {expected[at:at + 40]!r}"
+    return (f"at character {at} the template renders {got[at:at + 40]!r}, "
+            f"the family's Go template {expected[at:at + 40]!r}")
 
 
 def resolve(setting: str, tokenizer, model_id: str) -> ChatFormat:

@@ -101,7 +101,8 @@ def spm_tokenizer(meta: dict, case: families.Case, out: Path):
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import generate_merges
 
-    tokens, scores, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    types = meta["tokenizer.ggml.token_type"]
     pieces = case.spm_pieces
     proto = spm.ModelProto()
     for token, score, kind in zip(tokens[:pieces], scores[:pieces], types[:pieces]):
@@ -109,7 +110,8 @@ def spm_tokenizer(meta: dict, case: families.Case, out: Path):
     proto.trainer_spec.model_type = spm.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = pieces
     proto.trainer_spec.byte_fallback = True
-    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id, proto.trainer_spec.pad_id = 0, 1, 2, -1
+    spec = proto.trainer_spec
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
     proto.normalizer_spec.name = "identity"
     proto.normalizer_spec.add_dummy_prefix = True
     proto.normalizer_spec.escape_whitespaces = True
@@ -119,9 +121,10 @@ def spm_tokenizer(meta: dict, case: families.Case, out: Path):
 
     vocab = {t: i for i, t in enumerate(tokens[:pieces])}
     unk = tokens[meta["tokenizer.ggml.unknown_token_id"]]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab, dict(zip(tokens[:pieces], scores[:pieces])),
-                                                                      skip_tokens={tokens[i] for i in range(pieces) if types[i] != 1}),
-                                     unk_token=unk, fuse_unk=True,
+    # SentencePiece BPE merges in the order of the merged piece's score; special and byte pieces never merge.
+    merges = generate_merges(vocab, dict(zip(tokens[:pieces], scores[:pieces])),
+                             skip_tokens={tokens[i] for i in range(pieces) if types[i] != 1})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
                                      byte_fallback=True))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),

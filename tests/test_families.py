@@ -1,0 +1,174 @@
+"""Model families, each with its own chat template. Unit tests: the config's choices, the GGUF reader, the
+matrix's log parsing and expected loss spans. Docker-marked: `invoke families` trains, converts and serves a
+tiny model of every family with its real vocabulary and template (from the pinned llama.cpp source) and finds
+Ollama's prompts and token ids equal to training's; templates that no family renders, and a forced format
+the vocabulary cannot carry, are refused before any training, naming the choices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+from support import ROOT, invoke, output, run_dir, sets
+
+from finetune.core import families, gguf_meta, layout
+from finetune.core.config import ConfigError, load_config
+from finetune.evaluation import families as matrix
+
+TINY = ROOT / "configs" / "tiny-ja.yaml"
+
+
+# ---- unit ----
+
+def test_chat_template_accepts_auto_a_family_or_a_jinja_file_and_names_the_choices(tmp_path):
+    assert load_config(TINY, root=ROOT).model.chat_template == "chatml"
+    assert load_config(TINY, ["model.chat_template=auto"], root=ROOT).model.chat_template == "auto"
+    assert load_config(TINY, ["model.chat_template=llama3"], root=ROOT).model.chat_template == "llama3"
+    (tmp_path / "mine.jinja").write_text("{{ messages }}")
+    assert load_config(TINY, [f"model.chat_template={tmp_path / 'mine.jinja'}"], root=ROOT)
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["model.chat_template=zephyr"], root=ROOT)
+    assert "'zephyr' is neither auto, a family nor a .jinja file" in str(e.value)
+    assert "chatml, qwen2.5, qwen3, llama3, phi3" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["model.chat_template=missing/x.jinja"], root=ROOT)
+    assert "model.chat_template: file not found: missing/x.jinja" in str(e.value)
+
+
+def test_gguf_metadata_reader_reads_every_value_type(tmp_path):
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s.encode())) + s.encode()
+
+    kvs = [string("general.architecture") + struct.pack("<I", 8) + string("llama"),
+           string("tokenizer.ggml.add_bos_token") + struct.pack("<I?", 7, True),
+           string("tokenizer.ggml.bos_token_id") + struct.pack("<II", 4, 128000),
+           string("x.float") + struct.pack("<If", 6, 0.5),
+           string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + string("<s>") + string("返品"),
+           string("tokenizer.ggml.token_type") + struct.pack("<IIQ3i", 9, 5, 3, 3, 1, 1)]
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
+    assert gguf_meta.read_metadata(path) == {
+        "general.architecture": "llama", "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 128000,
+        "x.float": 0.5, "tokenizer.ggml.tokens": ["<s>", "返品"], "tokenizer.ggml.token_type": [3, 1, 1]}
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + string("cut"))
+    with pytest.raises(gguf_meta.GGUFError, match="cut short"):
+        gguf_meta.read_metadata(path)
+    path.write_bytes(b"PK\x03\x04")
+    with pytest.raises(gguf_meta.GGUFError, match="not a GGUF file"):
+        gguf_meta.read_metadata(path)
+
+
+def test_every_family_renders_each_probe_and_answers_end_with_its_end_of_turn():
+    for family in families.FAMILIES.values():
+        for text in families.probe_renderings(family):
+            assert text and "{{" not in text, family.name
+        runs = matrix.expected_answers(family, matrix.ANSWERED, matrix.ANSWER)
+        assert len(runs) == 2 and all(r.endswith(family.end_of_turn) for r in runs), family.name
+        assert runs[-1].removesuffix(family.end_of_turn).endswith(matrix.ANSWER)
+    assert matrix.expected_answers(families.FAMILIES["qwen3"], matrix.ANSWERED, matrix.ANSWER)[-1] == \
+        families.EMPTY_THINK + matrix.ANSWER + "<|im_end|>"  # Qwen 3's last answer carries its empty thinking
+
+
+def test_the_matrix_reads_prompts_and_the_runners_ids_from_ollamas_trace_log():
+    log = "\n".join([
+        'time=1 level=TRACE msg="completion request" prompt="<|im_start|>user\\n\\u8fd4<|im_end|>\\n"',
+        'time=2 level=TRACE msg=encoded string="<|im_start|>user\\n\\u8fd4<|im_end|>\\n" ids="[151643 151644 872]"',
+        'time=3 level=TRACE source=bytepairencoding.go:287 msg=encoded string="second" ids="[1 2]"',
+        'time=4 level=TRACE source=server.go:1581 msg="completion request" prompt="second"',
+    ])
+    assert matrix.logged_requests(log) == [("<|im_start|>user\n返<|im_end|>\n", [151643, 151644, 872]),
+                                           ("second", None)]  # the count before a request is not its runner's
+
+
+# ---- the matrix, for real ----
+
+@pytest.fixture(scope="module")
+def matrix_rows():
+    done = invoke("families")
+    print(done.stdout[-4000:])
+    assert done.returncode == 0, output(done)
+    return {r["case"]: r for r in json.loads((ROOT / "artifacts" / "families" / "families.json").read_text())}
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_every_family_is_served_with_the_prompt_and_ids_it_was_trained_on(matrix_rows):
+    assert list(matrix_rows) == [c.name for c in families.CASES]
+    for case, row in matrix_rows.items():
+        assert row["test_cases"] == 47, case  # llama.cpp's tokenizer test cases of the real vocabulary
+        assert row["convert"] == "ok" and row["problems"] == [], case
+        assert row["prompts"][0] == row["prompts"][1] >= 5 and row["ids"][0] == row["ids"][1] >= 5, case
+    assert matrix_rows["qwen3"]["prompts"][1] == 15  # thinking unset, off and on
+    assert matrix_rows["qwen3"]["runner"] == "Go engine" and matrix_rows["llama3.2"]["runner"] == "llama.cpp"
+    table = (ROOT / "artifacts" / "families" / "families.md").read_text()
+    assert table in (ROOT / "README.md").read_text(), "README's table is the matrix's output"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_loss_covers_each_answer_and_its_end_of_turn_token(matrix_rows):
+    """The masked tokens of a two-answer conversation, decoded in the train image: each answer plus the
+    family's end-of-turn token, nothing of the prompts (Qwen 3's last answer: its empty thinking block too)."""
+    first, last = matrix.ANSWERED[1]["content"], matrix.ANSWER
+    for case in families.CASES:
+        end = families.FAMILIES[case.family].end_of_turn
+        think = families.EMPTY_THINK if case.family == "qwen3" else ""
+        assert matrix_rows[case.name]["trained_runs"] == [first + end, think + last + end], case.name
+
+
+ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.parametrize("case, template, says", [
+    ("qwen2.5", "zephyr.jinja", ["renders like none of the families", "chatml, qwen2.5, qwen3, llama3, phi3",
+                                 "llama3: at character 0", "Fix: set model.chat_template"]),
+    ("phi3.5", "chatml", ["ends turns with <|im_end|>, which is not a single token", "model.chat_template: auto"]),
+    ("qwen2.5", "no template", ["has no chat template", "set model.chat_template to one of auto"]),
+])
+def test_a_template_that_cannot_be_served_as_trained_is_refused_before_training(matrix_rows, tmp_path, case,
+                                                                                 template, says):
+    base = ROOT / "artifacts" / "families" / case / "base"
+    overrides = [f"model.id={base}"]
+    if template == "zephyr.jinja":
+        (tmp_path / template).write_text(ZEPHYR)
+        overrides.append(f"model.chat_template={tmp_path / template}")
+    elif template == "no template":
+        shutil.copytree(base, tmp_path / "base")
+        (tmp_path / "base" / "chat_template.jinja").unlink(missing_ok=True)
+        config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+        overrides = [f"model.id={tmp_path / 'base'}", "model.chat_template=auto"]
+    else:
+        overrides.append(f"model.chat_template={template}")
+    run = f"test-refused-{case}"
+    shutil.rmtree(run_dir(run), ignore_errors=True)
+    done = invoke("train", "--config", str(matrix.case_dir(next(c for c in families.CASES if c.name == case))
+                                            / "config.yaml"), *sets(run, *overrides))
+    assert done.returncode == 2, output(done)
+    for text in says:
+        assert text in done.stderr, output(done)
+    assert not layout.stage_dir(run_dir(run), "train").exists()
+    shutil.rmtree(run_dir(run), ignore_errors=True)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_named_family_installs_its_reference_template_and_records_it(matrix_rows):
+    """model.chat_template=chatml on the Qwen 2.5 vocabulary (its <|im_start|>/<|im_end|> are single tokens):
+    trained on plain ChatML, recorded as such, converted with that template in the GGUF."""
+    case = next(c for c in families.CASES if c.name == "qwen2.5")
+    run = "test-named-chatml"
+    shutil.rmtree(run_dir(run), ignore_errors=True)
+    config = str(matrix.case_dir(case) / "config.yaml")
+    done = invoke("train", "--config", config, *sets(run, "model.chat_template=chatml"))
+    assert done.returncode == 0, output(done)
+    recorded = json.loads((layout.stage_dir(run_dir(run), "train") / layout.CHAT_FORMAT).read_text())
+    assert (recorded["family"], recorded["source"], recorded["bos"]) == ("chatml", "chatml", False)
+    assert "You are Qwen" not in recorded["jinja"]
+    shutil.rmtree(run_dir(run), ignore_errors=True)
