@@ -75,6 +75,9 @@ def train(c: Context, config: str | None = None, set_: list[str] | None = None, 
         code = run_stage(image, cfg, [containers.Mount(run_dir, layout.CONTAINER_RUN_DIR, read_only=False)],
                          name="train", env=env, gpus=gpus,
                          named_volumes={layout.HF_CACHE_VOLUME: layout.HF_CACHE_MOUNT})
+        if code == 2:  # the stage's own error (stage_main), printed above with what to do
+            raise Exit("train: the train stage stopped with the error above; fix that and rerun `invoke train` "
+                       "(a checkpoint, if any, is kept)", code=code)
         if code != 0:
             raise Exit(f"train: the train container exited with {code}; rerun `invoke train` to resume from the "
                        "last checkpoint", code=code)

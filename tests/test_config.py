@@ -33,6 +33,21 @@ def test_presets_cover_the_guides_sizes():
         assert "VRAM arithmetic" in (ROOT / "configs" / name).read_text(encoding="utf-8")
 
 
+FAMILY_OF = {"qwen2.5-3b-ja-qlora.yaml": "qwen2.5", "qwen2.5-7b-ja-qlora.yaml": "qwen2.5",
+             "llama3.2-3b-ja-qlora.yaml": "llama3", "phi3.5-mini-ja-qlora.yaml": "phi3", "qwen3-1.7b-ja-lora.yaml": "qwen3"}
+
+
+def test_hub_presets_keep_their_models_own_template_pin_the_revision_and_show_the_vram():
+    """Real models of several families keep their own chat template (auto, the family named beside it);
+    the toy keeps ChatML."""
+    assert load_config(TINY, root=ROOT).model.chat_template == "chatml"
+    assert {p.name for p in CONFIGS} == {"tiny-ja.yaml", *FAMILY_OF}
+    for name, family in FAMILY_OF.items():
+        config, text = load_config(ROOT / "configs" / name, root=ROOT), (ROOT / "configs" / name).read_text()
+        assert config.model.chat_template == "auto" and config.model.revision is not None, name
+        assert f"(family {family}" in text and "VRAM arithmetic" in text, name
+
+
 def test_override_changes_one_key_and_keeps_the_rest():
     base = load_config(TINY, root=ROOT)
     config = load_config(TINY, ["train.max_steps=20", "convert.quant_types=[Q4_K_M, Q8_0]"], root=ROOT)

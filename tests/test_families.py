@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
 
 import pytest
-from support import ROOT, invoke, output, run_dir, sets
+from support import ROOT, in_train_image, invoke, output, run_dir, sets
 
 from finetune.core import families, gguf_meta, layout
 from finetune.core.config import ConfigError, load_config
@@ -126,7 +127,7 @@ ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] +
 @pytest.mark.slow
 @pytest.mark.parametrize("case, template, says", [
     ("qwen2.5", "zephyr.jinja", ["renders like none of the families", "chatml, qwen2.5, qwen3, llama3, phi3",
-                                 "llama3: at character 0", "Fix: set model.chat_template"]),
+                                 "llama3: at character", "Fix: set model.chat_template"]),
     ("phi3.5", "chatml", ["ends turns with <|im_end|>, which is not a single token", "model.chat_template: auto"]),
     ("qwen2.5", "no template", ["has no chat template", "set model.chat_template to one of auto"]),
 ])
@@ -143,6 +144,7 @@ def test_a_template_that_cannot_be_served_as_trained_is_refused_before_training(
         config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
         config.pop("chat_template", None)
         (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+        subprocess.run(["chmod", "-R", "a+rX", str(tmp_path / "base")], check=True)  # the container's user reads it
         overrides = [f"model.id={tmp_path / 'base'}", "model.chat_template=auto"]
     else:
         overrides.append(f"model.chat_template={template}")
@@ -152,7 +154,24 @@ def test_a_template_that_cannot_be_served_as_trained_is_refused_before_training(
                                             / "config.yaml"), *sets(run, *overrides))
     assert done.returncode == 2, output(done)
     for text in says:
-        assert text in done.stderr, output(done)
+        assert text in done.stdout + done.stderr, output(done)  # the container's output comes on stdout
+    assert not layout.stage_dir(run_dir(run), "train").exists()
+    shutil.rmtree(run_dir(run), ignore_errors=True)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.parametrize("template", matrix.UNSUPPORTED_TEMPLATES)
+def test_real_templates_of_families_without_a_go_template_are_refused(matrix_rows, template):
+    """DeepSeek-R1-Distill, Gemma 2 and 4, Mistral Nemo: their real templates (from the pinned llama.cpp source)
+    on the Llama 3 vocabulary stop `invoke train` before training, with the first difference per family."""
+    case = next(c for c in families.CASES if c.name == "llama3.2")
+    run = "test-refused-unsupported"
+    done = invoke("train", "--config", str(matrix.case_dir(case) / "config.yaml"),
+                  *sets(run, f"model.chat_template={matrix.ROOT / 'source' / template}"))
+    assert done.returncode == 2, output(done)
+    said = done.stdout + done.stderr
+    assert "renders like none of the families" in said and "phi3: " in said and "stopped with the error" in said
     assert not layout.stage_dir(run_dir(run), "train").exists()
     shutil.rmtree(run_dir(run), ignore_errors=True)
 
@@ -172,3 +191,39 @@ def test_a_named_family_installs_its_reference_template_and_records_it(matrix_ro
     assert (recorded["family"], recorded["source"], recorded["bos"]) == ("chatml", "chatml", False)
     assert "You are Qwen" not in recorded["jinja"]
     shutil.rmtree(run_dir(run), ignore_errors=True)
+
+
+PACKING = (
+    "import json; from datasets import Dataset; from transformers import AutoTokenizer; "
+    "from trl.data_utils import pack_dataset; from finetune.core.data import Example; "
+    "from finetune.train import chat; from finetune.train.sft import tokenize; "
+    "t = AutoTokenizer.from_pretrained('/artifacts/train/merged'); f = chat.resolve('auto', t, 'merged'); "
+    "c = json.load(open('/t/conversations.json', encoding='utf-8')); "
+    "cols = tokenize([Example(messages=m, where='x') for m in c], t, f, True); "
+    "packed = pack_dataset(Dataset.from_dict(cols), 512, 'bfd').to_dict(); "
+    "print(json.dumps({'cols': cols, 'packed': packed}))"
+)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_packing_keeps_each_conversation_whole_with_its_loss_mask(matrix_rows, tmp_path):
+    """train.packing packs with TRL's best-fit-decreasing strategy: each packed row is whole conversations
+    end to end, each with its own mask and its length recorded (seq_lengths), from which the positions restart
+    at each boundary (padding-free). Checked on Qwen 3's real vocabulary and template."""
+    conversations = [[*matrix.ANSWERED, {"role": "assistant", "content": matrix.ANSWER}]] + [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a in (("送料は？", "全国一律500円です。"), ("営業時間は？", "平日9時から18時です。"))]
+    (tmp_path / "conversations.json").write_text(json.dumps(conversations, ensure_ascii=False), encoding="utf-8")
+    tmp_path.chmod(0o755)
+    (tmp_path / "conversations.json").chmod(0o644)
+    found = json.loads(in_train_image(PACKING, "family-qwen3", mounts={str(tmp_path): {"bind": "/t", "mode": "ro"}}))
+    originals = sorted(zip(map(tuple, found["cols"]["input_ids"]), map(tuple, found["cols"]["assistant_masks"])))
+    pieces = []
+    for ids, mask, lengths in zip(*(found["packed"][k] for k in ("input_ids", "assistant_masks", "seq_lengths"))):
+        assert sum(lengths) == len(ids) == len(mask) <= 512
+        at = 0
+        for n in lengths:
+            pieces.append((tuple(ids[at:at + n]), tuple(mask[at:at + n])))
+            at += n
+    assert sorted(pieces) == originals and len(found["packed"]["input_ids"]) < len(originals)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from test_modelfile import CARRIED
 from finetune.core import data, layout
 from finetune.core.config import FewShot, RunConfig, load_config
 from finetune.core.families import FAMILIES
+from finetune.evaluation.families import go_unquote, wait_healthy
 from finetune.host import containers
 from finetune.serve import modelfile, modelfiles
 from finetune.serve import server as serve
@@ -110,17 +110,6 @@ def test_serving_again_and_restarting_recreate_the_same_models(served):
     assert ask(cfg.serve.model_name, question).message.content == first
 
 
-def wait_healthy(container, within_s: float = 120) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        container.reload()
-        if container.attrs["State"].get("Health", {}).get("Status") == "healthy":
-            return
-        assert container.status == "running", container.logs().decode()[-2000:]
-        time.sleep(1)
-    raise AssertionError(f"not healthy within {within_s} s:\n{container.logs().decode()[-2000:]}")
-
-
 def test_a_broken_gguf_stops_serve_with_ollamas_error_and_no_restart_loop():
     run = "test-serve-broken"
     shutil.rmtree(run_dir(run), ignore_errors=True)
@@ -148,17 +137,6 @@ CONVERSATIONS = [
 ]
 FEW_SHOT = [{"user": 'quote " and """ and \\ here', "assistant": "一行目\n二行目"},
             {"user": "FROM which address?\nMESSAGE assistant no", "assistant": "FROM ./model.gguf\nSYSTEM x\nADAPTER y"}]
-
-
-def go_unquote(quoted: str) -> str:
-    """A Go strconv.Quote'd string (how Ollama's log writes values) back to the text."""
-    escapes = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", '"': '"'}
-
-    def one(m: re.Match) -> str:
-        code = m.group(1)
-        return chr(int(code[1:], 16)) if code[0] in "xuU" else escapes[code]
-
-    return re.sub(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", one, quoted[1:-1])
 
 
 def test_ollama_renders_prompts_as_the_hf_chat_template_and_reads_every_text_back(served, tmp_path):

@@ -264,7 +264,8 @@ def stats(split: Split, count_tokens: TokenCounter | None = None) -> dict:
 
 
 def tokenizer_counter(tokenizer_json: str | Path) -> TokenCounter:
-    """Count tokens of a conversation rendered with the training chat template (ChatML)."""
+    """Count tokens of a conversation rendered as ChatML: an estimate for `invoke data --tokenizer` (the host
+    has no Jinja). The train stage checks data.max_seq_len with the model's own template."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_json))

@@ -46,6 +46,10 @@ ANSWERED = [{"role": "user", "content": "商品を返品したいです"},
             {"role": "assistant", "content": "返品承知いたしました。14日以内であれば承ります。"},
             {"role": "user", "content": "着払いでもいいですか？"}]
 ANSWER = "はい、着払いで承ります。"
+# Real templates of families this project has no Go template for (README: "Not in the matrix, and why"):
+# copied out with the others, so that a test can show each is refused before training.
+UNSUPPORTED_TEMPLATES = ("deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja", "google-gemma-2-2b-it.jinja",
+                         "google-gemma-4-31B-it.jinja", "mistralai-Mistral-Nemo-Instruct-2407.jinja")
 
 
 class FamilyError(RuntimeError):
@@ -79,7 +83,7 @@ def export_sources(image: str) -> Path:
     """Copy the cases' vocabularies (with their test cases) and templates out of the convert image."""
     source = ROOT / "source"
     names = sorted({f"ggml-vocab-{c.vocab}.gguf{x}" for c in CASES for x in ("", ".inp", ".out")}
-                   | {f"templates/{c.template}" for c in CASES})
+                   | {f"templates/{t}" for t in (*(c.template for c in CASES), *UNSUPPORTED_TEMPLATES)})
     code = containers.run(image, [f"cp {' '.join(f'{MODELS_DIR}/{n}' for n in names)} /out/"],
                           [containers.Mount(source, "/out", read_only=False)], entrypoint=["sh", "-c"])
     if code != 0:
