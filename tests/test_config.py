@@ -34,7 +34,8 @@ def test_presets_cover_the_guides_sizes():
 
 
 FAMILY_OF = {"qwen2.5-3b-ja-qlora.yaml": "qwen2.5", "qwen2.5-7b-ja-qlora.yaml": "qwen2.5",
-             "llama3.2-3b-ja-qlora.yaml": "llama3", "phi3.5-mini-ja-qlora.yaml": "phi3", "qwen3-1.7b-ja-lora.yaml": "qwen3"}
+             "llama3.2-3b-ja-qlora.yaml": "llama3", "phi3.5-mini-ja-qlora.yaml": "phi3",
+             "qwen3-1.7b-ja-lora.yaml": "qwen3"}
 
 
 def test_hub_presets_keep_their_models_own_template_pin_the_revision_and_show_the_vram():

@@ -45,8 +45,12 @@ def test_convert_tiny_model_to_f16_and_kquants(trained_run):
     assert abs(rows["Q4_K_M"]["perplexity"] - f16) < 0.20 * f16
     assert "model-Q4_K_M.gguf" in done.stdout  # the table in the terminal
     assert not (run_dir(trained_run) / ".convert.partial").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["base-Q4_K_M.gguf", "inputs.json", "model-Q4_K_M.gguf",
-                                                      "model-Q8_0.gguf", "model-f16.gguf", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["base-Q4_K_M.gguf", "chat.json", "inputs.json",
+                                                      "model-Q4_K_M.gguf", "model-Q8_0.gguf", "model-f16.gguf",
+                                                      "report.json"]
+    # The train stage's chat format travels on for serve; every GGUF states BOS as training fed it.
+    assert json.loads((out / "chat.json").read_text())["family"] == "chatml"
+    assert all(row["add_bos"] is True and row["end_of_turn"] == "<|im_end|>" for row in rows.values())
 
 
 @pytest.mark.docker

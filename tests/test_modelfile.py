@@ -9,9 +9,9 @@ import pytest
 from support import ROOT, invoke, run_dir, sets
 
 from finetune.core import layout, modelfile_text
-from finetune.core.families import FAMILIES
 from finetune.core.config import ConfigError, load_config
-from finetune.serve import modelfile
+from finetune.core.families import FAMILIES
+from finetune.serve import modelfile, modelfiles
 
 # Texts Ollama's parser reads back unchanged inside triple quotes (checked for real in test_serve.py).
 CARRIED = [
@@ -112,3 +112,14 @@ def test_serve_without_a_converted_model_says_to_convert_first():
     assert (f"serve: no model-Q8_0.gguf or base-Q8_0.gguf in artifacts/{run}/convert: run `invoke convert` first"
             in done.stderr)
     assert not run_dir(run).exists()
+
+
+def test_serve_names_the_fix_when_the_trained_chat_format_is_missing_or_unknown(tmp_path):
+    (tmp_path / "convert").mkdir()
+    with pytest.raises(modelfiles.ServeError, match="chat.json .*run `invoke convert --force`"):
+        modelfiles.trained_family(tmp_path)
+    (tmp_path / "convert" / layout.CHAT_FORMAT).write_text('{"family": "gemma4"}')
+    with pytest.raises(modelfiles.ServeError, match="'gemma4', which this version has no Ollama template for"):
+        modelfiles.trained_family(tmp_path)
+    (tmp_path / "convert" / layout.CHAT_FORMAT).write_text('{"family": "phi3"}')
+    assert modelfiles.trained_family(tmp_path) is FAMILIES["phi3"]

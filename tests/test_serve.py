@@ -116,6 +116,7 @@ def test_a_broken_gguf_stops_serve_with_ollamas_error_and_no_restart_loop():
     (run_dir(run) / "convert").mkdir(parents=True)
     for name in ("model-Q8_0.gguf", "base-Q8_0.gguf"):
         (run_dir(run) / "convert" / name).write_bytes(b"this is not a GGUF file")
+    (run_dir(run) / "convert" / layout.CHAT_FORMAT).write_text('{"family": "chatml"}')
     (run_dir(run) / "stamps").mkdir()
     (run_dir(run) / "stamps" / "convert.json").write_text('{"key": "a convert that wrote bad files"}')
     done = invoke("serve", *sets(run, "serve.port=11534"))
