@@ -227,3 +227,46 @@ def test_packing_keeps_each_conversation_whole_with_its_loss_mask(matrix_rows, t
             pieces.append((tuple(ids[at:at + n]), tuple(mask[at:at + n])))
             at += n
     assert sorted(pieces) == originals and len(found["packed"]["input_ids"]) < len(originals)
+
+
+ZEPHYR_GO = "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|im_end|>\n{{ end }}<|assistant|>\n"
+
+
+def test_a_go_template_of_ones_own_needs_its_end_of_turn_token_and_an_existing_file(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["model.end_of_turn=<|im_end|>"], root=ROOT)
+    assert "model.go_template and model.end_of_turn go together" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["model.go_template=none.gotmpl", "model.end_of_turn=<|im_end|>"], root=ROOT)
+    assert "model.go_template: file not found: none.gotmpl" in str(e.value)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_go_template_of_ones_own_is_served_only_if_ollama_renders_the_trained_prompts(matrix_rows, tmp_path):
+    """A Zephyr-style template (no family renders it) with model.go_template: trained, converted and served,
+    `invoke serve` having had Ollama render the trained probe conversations (`_debug_render_only`) identically;
+    the same with a Go template that drops one line break is refused by `invoke serve`, naming the place."""
+    case = next(c for c in families.CASES if c.name == "qwen2.5")
+    (tmp_path / "zephyr.jinja").write_text(ZEPHYR)
+    config = str(matrix.case_dir(case) / "config.yaml")
+    for go, run, port in ((ZEPHYR_GO, "test-own-template", "11536"),
+                          (ZEPHYR_GO.removesuffix("\n"), "test-own-template-wrong", "11537")):
+        (tmp_path / f"{run}.gotmpl").write_text(go)
+        overrides = sets(run, f"model.chat_template={tmp_path / 'zephyr.jinja'}", f"serve.port={port}",
+                         f"model.go_template={tmp_path / f'{run}.gotmpl'}", "model.end_of_turn=<|im_end|>")
+        shutil.rmtree(run_dir(run), ignore_errors=True)
+        for task in ("train", "convert"):
+            done = invoke(task, "--config", config, *overrides)
+            assert done.returncode == 0, output(done)
+        recorded = json.loads((layout.stage_dir(run_dir(run), "train") / layout.CHAT_FORMAT).read_text())
+        assert (recorded["family"], recorded["go_template"], len(recorded["probes"])) == ("custom", go, 2)
+        done = invoke("serve", "--config", config, *overrides)
+        invoke("stop", "--config", config, *overrides)
+        if go == ZEPHYR_GO:
+            assert done.returncode == 0, output(done)
+            assert f'TEMPLATE """{go}"""' in (layout.stage_dir(run_dir(run), "serve") / layout.MODELFILE).read_text()
+        else:
+            assert done.returncode == 2, output(done)
+            assert "Ollama renders family-qwen2.5's prompt differently from training: at character" in done.stderr
+        shutil.rmtree(run_dir(run), ignore_errors=True)

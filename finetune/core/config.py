@@ -59,6 +59,16 @@ class ModelSection(_Section):
         "base model's own), a family (" + families.supported() + ") for its reference template, or a path "
         "to a .jinja file relative to the project root",
     )
+    go_template: str | None = Field(
+        None,
+        description="a file with an Ollama Go TEMPLATE of your own, for a chat template that no family renders "
+        "(with end_of_turn): the Modelfile then uses it, and `invoke serve` checks that Ollama renders the "
+        "trained template's probe conversations with it byte for byte",
+    )
+    end_of_turn: str | None = Field(
+        None, min_length=1, description="with go_template: the token that ends an assistant turn (in the loss, and "
+        "a stop)",
+    )
 
 
 class DataSection(_Section):
@@ -309,6 +319,13 @@ def _cross_checks(config: RunConfig, root: Path) -> list[tuple[tuple, str, str]]
         elif not (root / m.chat_template).is_file():
             found.append((("model", "chat_template"), f"file not found: {m.chat_template}",
                           "give a path relative to the project root"))
+    if (m.go_template is None) != (m.end_of_turn is None):
+        found.append((("model", "go_template" if m.go_template is None else "end_of_turn"),
+                      "model.go_template and model.end_of_turn go together",
+                      "set both (a Go TEMPLATE of your own and the token that ends a turn), or neither"))
+    if m.go_template is not None and not (root / m.go_template).is_file():
+        found.append((("model", "go_template"), f"file not found: {m.go_template}",
+                      "give a path relative to the project root"))
     for key in ("train", "eval"):
         rel = getattr(d, key)
         if rel is not None and not (root / rel).is_file():

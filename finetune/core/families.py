@@ -37,7 +37,7 @@ class Family:
     go_template: str
     stop: tuple[str, ...]  # PARAMETER stop: the end of a turn, and the start of a next one
     end_of_turn: str  # the token that closes an assistant turn: in the loss, and an end-of-generation token
-    render: Callable[[Messages, bool, bool | None], str]  # (messages, add_generation_prompt, think) -> text
+    render: Callable[[Messages, bool, bool | None], str] | None  # (messages, add_generation_prompt, think) -> text
     template_vars: dict = field(default_factory=dict)  # fixed Jinja variables of training
     thinking: bool = False  # the template has a thinking switch (Ollama's `think`, Jinja's enable_thinking)
     reference: str = ""  # the template file, in llama.cpp's models/templates, of the model it was written from
@@ -164,6 +164,12 @@ def probe_conversations() -> list[tuple[list[dict], bool]]:
     """(messages, add_generation_prompt) in the order of probe_renderings."""
     answered = [[*p, {"role": "assistant", "content": _A1}] for p in PROBES]
     return [(list(p), True) for p in PROBES] + [(a, False) for a in answered]
+
+
+def custom(go_template: str, end_of_turn: str) -> Family:
+    """A family of the user's own (model.go_template, model.end_of_turn): no Python twin, so the train stage
+    cannot compare it; `invoke serve` compares what Ollama renders with it against the trained template."""
+    return Family("custom", "your own Go template", go_template, (end_of_turn,), end_of_turn, render=None)
 
 
 def supported() -> str:

@@ -46,7 +46,8 @@ def data_mounts(config: RunConfig) -> list[Mount]:
     """The local files a config names, read-only, at the same relative paths under the container's /work:
     the data files, and the base model's directory and the chat template file when they are local."""
     paths = [Path(p) for p in (config.data.train, config.data.eval) if p]
-    paths += [Path(p) for p in (config.model.id, config.model.chat_template) if Path(p).exists()]
+    paths += [Path(p) for p in (config.model.id, config.model.chat_template, config.model.go_template)
+              if p and Path(p).exists()]
     return [Mount(p, str(p if p.is_absolute() else layout.CONTAINER_WORK / p)) for p in paths]
 
 

@@ -66,13 +66,24 @@ def check_inputs(config: RunConfig, run_dir: Path) -> None:
                          "is built when serve.baseline is true)")
 
 
-def trained_family(run_dir: Path) -> families.Family:
-    """The chat-template family the model was trained with (convert/chat.json, from the train stage)."""
+def trained_format(run_dir: Path) -> dict:
+    """convert/chat.json: the chat format the train stage resolved (finetune/train/chat.py, ChatFormat)."""
     path = layout.stage_dir(run_dir, "convert") / layout.CHAT_FORMAT
     try:
-        name = json.loads(path.read_text(encoding="utf-8"))["family"]
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        recorded["family"]
     except (OSError, ValueError, KeyError) as e:
         raise ServeError(f"cannot read the trained chat format from {path} ({e}): run `invoke convert --force`") from e
+    return recorded
+
+
+def trained_family(run_dir: Path) -> families.Family:
+    """The chat-template family the model was trained with (convert/chat.json, from the train stage); a
+    family of the user's own (model.go_template) as recorded there."""
+    recorded = trained_format(run_dir)
+    name, path = recorded["family"], layout.stage_dir(run_dir, "convert") / layout.CHAT_FORMAT
+    if name == "custom":
+        return families.custom(recorded["go_template"], recorded["end_of_turn"])
     if name not in families.FAMILIES:
         raise ServeError(f"{path} names the chat-template family {name!r}, which this version has no Ollama "
                          f"template for ({families.supported()}): run `invoke train --force`")

@@ -23,7 +23,7 @@ from docker.errors import APIError, NotFound
 from finetune.core import layout
 from finetune.core.config import RunConfig
 from finetune.host import containers
-from finetune.serve.modelfiles import ListedModel, ServeError, other_quants, read_models
+from finetune.serve.modelfiles import ListedModel, ServeError, other_quants, read_models, trained_format
 
 CONTAINER_PORT = "11434/tcp"
 ENTRYPOINT = "/usr/local/bin/finetune-serve"
@@ -91,6 +91,11 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
         state = container.attrs["State"]
         health = (state.get("Health") or {}).get("Status")
         if state["Status"] == "running" and health != "unhealthy" and ready(container):
+            try:
+                check_prompts(config, run_dir)
+            except ServeError:
+                stop(config)
+                raise
             return Served(url(config), models, name, ollama_version(config))
         if state["Status"] != "running" or health == "unhealthy" or time.monotonic() > deadline:
             log = container.logs(tail=30).decode(errors="replace").rstrip()
@@ -99,6 +104,28 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
             stop(config)
             raise ServeError(f"{name} {why}; its log ends:\n{log}")
         time.sleep(0.2)
+
+
+def check_prompts(config: RunConfig, run_dir: Path) -> int:
+    """Ollama must render the probe conversations the train stage recorded (convert/chat.json) for the
+    fine-tuned model exactly as its Jinja template did: asked with `_debug_render_only`, which renders the
+    Modelfile's TEMPLATE without generating. A ServeError names the first difference. Returns the number
+    compared. This is what holds a Go template of the user's own (model.go_template) to the trained one."""
+    probes = trained_format(run_dir).get("probes", [])
+    for probe in probes:
+        body = {"model": config.serve.model_name, "messages": probe["messages"], "stream": False,
+                "_debug_render_only": True}
+        request = urllib.request.Request(f"{url(config)}/api/chat", data=json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=120) as response:
+            rendered = json.loads(response.read())["_debug_info"]["rendered_template"]
+        if rendered != probe["go"]:
+            at = next((i for i, (a, b) in enumerate(zip(rendered, probe["go"])) if a != b),
+                      min(len(rendered), len(probe["go"])))
+            raise ServeError(f"Ollama renders {config.serve.model_name}'s prompt differently from training: at "
+                             f"character {at} Ollama has {rendered[at:at + 40]!r}, the trained template "
+                             f"{probe['go'][at:at + 40]!r}. The Modelfile's TEMPLATE (model.go_template, or the "
+                             "family's in finetune/core/families.py) must render what the Jinja template renders")
+    return len(probes)
 
 
 def volumes(run_dir: Path, store: str = layout.MODELS_VOLUME) -> dict:

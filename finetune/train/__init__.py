@@ -10,7 +10,8 @@ from finetune.core.stage import Stage
 STAGE = Stage(
     name="train",
     params=("model", "data", "train", "serve.baseline"),  # serve.baseline: keep the base for the baseline
-    files=("data.train", "data.eval", "model.id", "model.chat_template"),  # a local model directory, a .jinja
+    # a local model directory, a .jinja file, a Go template of one's own
+    files=("data.train", "data.eval", "model.id", "model.chat_template", "model.go_template"),
     upstream=None,
     outs=("train",),
 )

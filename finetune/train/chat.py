@@ -1,6 +1,6 @@
 """The chat template of a run in training: which Jinja template, which family, the loss spans and token ids.
 
-    fmt = resolve(config, tokenizer)        # model.chat_template: auto | a family | a .jinja file
+    fmt = resolve(setting, tokenizer, model_id)   # model.chat_template: auto | a family | a .jinja file
     text, spans = assistant_spans(fmt, tokenizer, messages)
     ids, mask = templates.encode(tokenizer, text, spans, assistant_only=True)
 
@@ -51,10 +51,11 @@ class ChatFormat:
     bos: bool  # the token ids start with BOS: the GGUF must say add_bos_token = this
     bos_token: str | None
     template_vars: dict
-
-    @property
-    def spec(self) -> Family:
-        return FAMILIES[self.family]
+    go_template: str = ""  # the Modelfile's TEMPLATE
+    stop: list[str] = field(default_factory=list)
+    # Probe conversations with a system turn (so that a Modelfile SYSTEM does not join them) and the prompt
+    # the Jinja template renders for each, BOS text aside: `invoke serve` asks Ollama to render the same.
+    probes: list[dict] = field(default_factory=list)
 
     def write(self, out: Path) -> None:
         (out / layout.CHAT_FORMAT).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n",
@@ -108,8 +109,10 @@ def detect(tokenizer, jinja: str, candidates: list[Family]) -> Family:
     raise TemplateError("the chat template renders like none of the families this project has an Ollama "
                         f"template for ({families.supported()}):\n    " + "\n    ".join(differences) + "\n"
                         "Fix: set model.chat_template to one of those families (the model is then trained on "
-                        "that family's template), or add a Family for this template to finetune/core/families.py "
-                        "(a Go TEMPLATE, its stop tokens and end-of-turn token), proven by `invoke families`")
+                        "that family's template); or pass an Ollama Go TEMPLATE of your own that renders what this "
+                        "template renders, as model.go_template (a file) with model.end_of_turn (the token that "
+                        "ends a turn), which `invoke serve` checks against the trained prompts; or add a Family to "
+                        "finetune/core/families.py, proven by `invoke families`")
 
 
 class _Differs(Exception):
@@ -122,11 +125,12 @@ def _first_difference(got: str, expected: str) -> str:
             f"the family's Go template {expected[at:at + 40]!r}")
 
 
-def resolve(setting: str, tokenizer, model_id: str) -> ChatFormat:
-    """The ChatFormat of `model.chat_template` = setting for this tokenizer; installs the template in it."""
+def resolve(setting: str, tokenizer, model_id: str, own: Family | None = None) -> ChatFormat:
+    """The ChatFormat of `model.chat_template` = setting for this tokenizer; installs the template in it.
+    `own`: a family of the user's own (model.go_template), taken as given; serve checks it."""
     jinja = template_text(setting, tokenizer, model_id)
     named = FAMILIES.get(setting)
-    family = detect(tokenizer, jinja, [named] if named else list(FAMILIES.values()))
+    family = own or detect(tokenizer, jinja, [named] if named else list(FAMILIES.values()))
     end_id = tokenizer.convert_tokens_to_ids(family.end_of_turn)
     if not isinstance(end_id, int) or end_id == tokenizer.unk_token_id or \
             tokenizer.encode(family.end_of_turn, add_special_tokens=False) != [end_id]:
@@ -139,10 +143,14 @@ def resolve(setting: str, tokenizer, model_id: str) -> ChatFormat:
     if not bos and tokenizer.bos_token and render(tokenizer, jinja, families.PROBES[0], True,
                                                   family.template_vars).startswith(tokenizer.bos_token):
         bos = True  # the template writes BOS itself while the tokenizer adds none: it is still the first id
+    probes = [{"messages": list(p), "go": without_bos(render(tokenizer, jinja, p, True, family.template_vars),
+                                                         tokenizer.bos_token)}
+              for p in families.PROBES if p[0]["role"] == "system"]
     return ChatFormat(family=family.name, source=setting, jinja=jinja,
                       sha256=hashlib.sha256(jinja.encode()).hexdigest(), end_of_turn=family.end_of_turn,
                       end_of_turn_id=end_id, bos=bos, bos_token=tokenizer.bos_token,
-                      template_vars=dict(family.template_vars))
+                      template_vars=dict(family.template_vars), go_template=family.go_template,
+                      stop=list(family.stop), probes=probes)
 
 
 def assistant_spans(fmt: ChatFormat, tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
@@ -158,7 +166,7 @@ def assistant_spans(fmt: ChatFormat, tokenizer, messages) -> tuple[str, list[tup
             raise TemplateError(f"the {fmt.family} template renders the conversation up to answer {i} "
                                 f"differently when the answer follows ({_first_difference(full, head)}), so the "
                                 "answer's tokens cannot be told from the prompt's")
-        content = message["content"].strip()
+        content = message["content"].strip()  # Llama 3's template trims it
         at = full.find(content, len(head))
         end = at + len(content)
         end += len(full[end:]) - len(full[end:].lstrip())  # white space the template keeps after the answer
@@ -167,8 +175,3 @@ def assistant_spans(fmt: ChatFormat, tokenizer, messages) -> tuple[str, list[tup
                                 f"{fmt.end_of_turn}: {full[len(head):len(head) + 80]!r}")
         spans.append((len(head), end + len(fmt.end_of_turn)))
     return full, spans
-
-
-def load(train_dir: Path) -> dict:
-    """train/chat.json of a finished train stage."""
-    return json.loads((train_dir / layout.CHAT_FORMAT).read_text(encoding="utf-8"))

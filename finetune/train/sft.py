@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from finetune.core import data as datasets_
-from finetune.core import layout
+from finetune.core import families, layout
 from finetune.core.config import RunConfig
 from finetune.core.stage import Stopwatch, publish, stage_main
 from finetune.core.templates import encode, save_tokenizer
@@ -184,7 +184,9 @@ def train(config: RunConfig, out: Path) -> Path:
     source = base_model_dir(config, work)
     clock.lap("base model")  # the tiny model is built here; a hub model loads below
     tokenizer = load_tokenizer(source, config)
-    fmt = chat.resolve(config.model.chat_template, tokenizer, config.model.id)  # installs the template
+    own = (families.custom(Path(config.model.go_template).read_text(encoding="utf-8"), config.model.end_of_turn)
+           if config.model.go_template else None)
+    fmt = chat.resolve(config.model.chat_template, tokenizer, config.model.id, own)  # installs the template
     fmt.write(work)
     print(f"train: chat template {fmt.family} ({fmt.source}, sha256 {fmt.sha256[:12]}), turns end with "
           f"{fmt.end_of_turn}, BOS {'added' if fmt.bos else 'none'}", flush=True)
