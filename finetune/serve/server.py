@@ -6,7 +6,7 @@ Ollama's model store in the volume finetune-ollama-models and publishes the API 
 (`ollama create`): every model of serve/models at start, and another built type on demand (`create`). It is
 also the one readiness rule: `finetune-serve health` (the image's HEALTHCHECK), which `ready` runs at once
 instead of waiting for the check's next interval. `start` returns when the container is ready, or raises
-with the container's log.
+with the container's log; `ensure_running` then has Ollama render the trained prompts (`check_prompts`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def url(config: RunConfig) -> str:
 
 def ensure_running(config: RunConfig, run_dir: Path, image: str, key: str) -> Served:
     """The run's serve container, healthy and serving the Modelfiles of stage key `key`: the running one when
-    it already is (same key, same image), else a new one in its place."""
+    it already is (same key, same image), else a new one in its place, once Ollama has rendered the trained
+    probe prompts identically (check_prompts; stopped otherwise)."""
     models = [m.name for m in read_models(run_dir)]
     try:
         running = containers.client().containers.get(container_name(config))
@@ -59,7 +60,15 @@ def ensure_running(config: RunConfig, run_dir: Path, image: str, key: str) -> Se
             and running.image.id == containers.client().images.get(image).id and ready(running)):
         print(f"serve: {running.name} is up to date and healthy")
         return Served(url(config), models, running.name, ollama_version(config))
-    return start(config, run_dir, image, models, key)
+    served = start(config, run_dir, image, models, key)
+    try:  # after start, not in it: `invoke bench` times start alone against a plain `ollama serve`
+        compared = check_prompts(config, run_dir)
+    except ServeError:
+        stop(config)
+        raise
+    print(f"serve: Ollama renders the {compared} trained probe prompts of {config.serve.model_name} "
+          "identically (convert/chat.json)", flush=True)
+    return served
 
 
 def ollama_version(config: RunConfig) -> str:
@@ -91,11 +100,6 @@ def start(config: RunConfig, run_dir: Path, image: str, models: list[str], key: 
         state = container.attrs["State"]
         health = (state.get("Health") or {}).get("Status")
         if state["Status"] == "running" and health != "unhealthy" and ready(container):
-            try:
-                check_prompts(config, run_dir)
-            except ServeError:
-                stop(config)
-                raise
             return Served(url(config), models, name, ollama_version(config))
         if state["Status"] != "running" or health == "unhealthy" or time.monotonic() > deadline:
             log = container.logs(tail=30).decode(errors="replace").rstrip()
