@@ -25,6 +25,7 @@ when all is done; on failure nothing is left behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -184,11 +185,11 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
         problems.append(f"architecture is {arch!r}, expected {expected_arch!r}")
     if tuned and template != fmt["jinja"]:
         problems.append("tokenizer.chat_template differs from the one the model was trained with")
-    if field("tokenizer.ggml.add_bos_token") is None:
+    if (add_bos_key := field("tokenizer.ggml.add_bos_token")) is None:
         problems.append("tokenizer.ggml.add_bos_token is missing: llama.cpp would then decide by vocabulary type and "
                         f"Ollama's Go engine would add BOS; training fed {'one' if fmt['bos'] else 'none'}")
-    elif tuned and bool(field("tokenizer.ggml.add_bos_token")) != fmt["bos"]:
-        problems.append(f"tokenizer.ggml.add_bos_token is {field('tokenizer.ggml.add_bos_token')}, but training fed "
+    elif tuned and bool(add_bos_key) != fmt["bos"]:
+        problems.append(f"tokenizer.ggml.add_bos_token is {add_bos_key}, but training fed "
                         f"{'a' if fmt['bos'] else 'no'} BOS")
 
     started = time.monotonic()
@@ -227,7 +228,9 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
     }
 
 
+@functools.cache
 def _tokenizer(hf_dir: Path):
+    """The Hugging Face tokenizer of a model directory, loaded once for all the GGUFs checked against it."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(hf_dir)

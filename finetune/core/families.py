@@ -16,14 +16,16 @@ what the model's Jinja template *does*, not by its name:
   (tests/test_families.py, `invoke families`).
 
 Jinja that a Go template cannot express is left out on purpose: Llama 3 trims each message (Go templates
-have no trim), so contents with leading or trailing white space render differently; the probes and the
-data check keep to contents without it (finetune/core/data.py warns).
+have no trim), so contents with leading or trailing white space render differently; the probes keep to
+contents without it (README: "Known limits").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from finetune.core.templates import render_chatml
 
 Messages = Sequence[dict]
 
@@ -33,7 +35,6 @@ class Family:
     """A chat format that this project trains and serves identically (see the module docstring)."""
 
     name: str
-    title: str  # the models it is for, as the README's table names them
     go_template: str
     stop: tuple[str, ...]  # PARAMETER stop: the end of a turn, and the start of a next one
     end_of_turn: str  # the token that closes an assistant turn: in the loss, and an end-of-generation token
@@ -43,12 +44,8 @@ class Family:
     reference: str = ""  # the template file, in llama.cpp's models/templates, of the model it was written from
 
 
-def _chatml_turns(messages: Messages) -> str:
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-
-
 def _render_chatml(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
-    return _chatml_turns(messages) + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+    return render_chatml(messages, add_generation_prompt)
 
 
 CHATML_GO = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
@@ -128,17 +125,19 @@ PHI3_GO = (
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("chatml", "ChatML (the offline toy; any model trained on plain ChatML)", CHATML_GO,
-           ("<|im_end|>", "<|im_start|>"), "<|im_end|>", _render_chatml),
-    Family("qwen2.5", "Qwen 2.5 Instruct", QWEN25_GO, ("<|im_end|>", "<|im_start|>"), "<|im_end|>",
-           _render_qwen25, reference="Qwen-Qwen2.5-7B-Instruct.jinja"),
-    Family("qwen3", "Qwen 3 (thinking on and off)", QWEN3_GO, ("<|im_end|>", "<|im_start|>"), "<|im_end|>",
-           _render_qwen3, thinking=True, reference="Qwen-Qwen3-0.6B.jinja"),
-    Family("llama3", "Llama 3.1, 3.2, 3.3 Instruct", LLAMA3_GO,
-           ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"), "<|eot_id|>", _render_llama3,
-           template_vars={"date_string": LLAMA3_DATE}, reference="meta-llama-Llama-3.2-3B-Instruct.jinja"),
-    Family("phi3", "Phi-3 / Phi-3.5 Instruct", PHI3_GO, ("<|end|>", "<|user|>", "<|assistant|>", PHI3_EOS),
-           "<|end|>", _render_phi3, reference="microsoft-Phi-3.5-mini-instruct.jinja"),
+    # the offline toy, and any model trained on plain ChatML
+    Family("chatml", CHATML_GO, ("<|im_end|>", "<|im_start|>"), "<|im_end|>", _render_chatml),
+    Family("qwen2.5", QWEN25_GO, ("<|im_end|>", "<|im_start|>"), "<|im_end|>", _render_qwen25,
+           reference="Qwen-Qwen2.5-7B-Instruct.jinja"),
+    Family("qwen3", QWEN3_GO, ("<|im_end|>", "<|im_start|>"), "<|im_end|>", _render_qwen3, thinking=True,
+           reference="Qwen-Qwen3-0.6B.jinja"),
+    # Llama 3.1 and 3.2 Instruct (both proven by `invoke families`)
+    Family("llama3", LLAMA3_GO, ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"), "<|eot_id|>",
+           _render_llama3, template_vars={"date_string": LLAMA3_DATE},
+           reference="meta-llama-Llama-3.2-3B-Instruct.jinja"),
+    # Phi-3 and Phi-3.5 mini instruct
+    Family("phi3", PHI3_GO, ("<|end|>", "<|user|>", "<|assistant|>", PHI3_EOS), "<|end|>", _render_phi3,
+           reference="microsoft-Phi-3.5-mini-instruct.jinja"),
 )}
 
 # Conversations every family's Jinja and Go template must render identically (see the module docstring).
@@ -153,23 +152,23 @@ PROBES: tuple[tuple[dict, ...], ...] = (
 )
 
 
-def probe_renderings(family: Family, think: bool | None = None) -> list[str]:
-    """The family's rendering of every probe: each with the generation prompt, and each answered (the full
-    text training sees). The train stage compares these with the model's Jinja template."""
-    answered = [(*p, {"role": "assistant", "content": _A1}) for p in PROBES]
-    return [family.render(p, True, think) for p in PROBES] + [family.render(p, False, think) for p in answered]
-
-
 def probe_conversations() -> list[tuple[list[dict], bool]]:
-    """(messages, add_generation_prompt) in the order of probe_renderings."""
+    """(messages, add_generation_prompt): every probe with the generation prompt, then each answered (the
+    full text training sees)."""
     answered = [[*p, {"role": "assistant", "content": _A1}] for p in PROBES]
     return [(list(p), True) for p in PROBES] + [(a, False) for a in answered]
+
+
+def probe_renderings(family: Family, think: bool | None = None) -> list[str]:
+    """The family's rendering of probe_conversations(), in that order. The train stage compares these with
+    the model's Jinja template."""
+    return [family.render(messages, gen, think) for messages, gen in probe_conversations()]
 
 
 def custom(go_template: str, end_of_turn: str) -> Family:
     """A family of the user's own (model.go_template, model.end_of_turn): no Python twin, so the train stage
     cannot compare it; `invoke serve` compares what Ollama renders with it against the trained template."""
-    return Family("custom", "your own Go template", go_template, (end_of_turn,), end_of_turn, render=None)
+    return Family("custom", go_template, (end_of_turn,), end_of_turn, render=None)
 
 
 def supported() -> str:

@@ -5,8 +5,7 @@
 The format (llama.cpp's docs/gguf.md, version 2 and 3): magic "GGUF", version, tensor count, key/value
 count, then each key as a length-prefixed UTF-8 string, a value type and the value; arrays carry an element
 type and a count. Tensors follow the header and are not read. The train image uses it to build a family's
-tokenizer from the vocabulary files that llama.cpp ships (finetune/train/families.py); the host uses it to
-check what a converted GGUF says about its chat template, BOS and end-of-generation tokens.
+tokenizer from the vocabulary files that llama.cpp ships (finetune/train/vocab_models.py).
 """
 
 from __future__ import annotations

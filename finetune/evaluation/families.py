@@ -108,14 +108,14 @@ def write_config(case: Case) -> Path:
     data check accepts), Q8_0, no baseline."""
     path = case_dir(case) / "config.yaml"
     path.write_text(yaml.safe_dump({
-        "run": f"family-{case.name}",
+        "run": run_name(case),
         "model": {"id": str(case_dir(case) / "base"), "chat_template": "auto"},
         "data": {"train": "data/customer_support_ja/train.jsonl", "format": "messages", "max_seq_len": 512,
                  "limit": 50},
         "train": {"max_steps": 2, "logging_steps": 1, "learning_rate": 1e-3, "precision": "fp32",
                   "target_modules": list(case.target_modules), "rank": 4, "alpha": 8, "dropout": 0.0},
         "convert": {"outtype": "f16", "quant_types": ["Q8_0"], "require_stop": False},
-        "serve": {"model_name": f"family-{case.name}", "quant": "Q8_0", "baseline": False, "temperature": 0.0},
+        "serve": {"model_name": run_name(case), "quant": "Q8_0", "baseline": False, "temperature": 0.0},
     }, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path
 
@@ -228,8 +228,13 @@ def in_image(image: str, module: str, payload: list[dict], mounts: list[containe
     return json.loads((work / "out.json").read_text(encoding="utf-8"))
 
 
+def run_name(case: Case) -> str:
+    """The run (and the Ollama model name) of a case: family-<case>."""
+    return f"family-{case.name}"
+
+
 def run_dir(case: Case) -> Path:
-    return Path("artifacts") / f"family-{case.name}"
+    return layout.run_dir(run_name(case))
 
 
 def expected_answers(family: families.Family, messages: list[dict], answer: str) -> list[str]:
@@ -254,10 +259,11 @@ def compare(cases: list[Case], train_image: str, convert_image: str, serve_image
     logged = logged_requests(log)
     prompts = [p for p, _ in logged]
     asked = [(case, r) for case in cases for r in requests(case)]
-    checks = [{"model": f"/work/{run_dir(case)}/train/merged", "chat": f"/work/{run_dir(case)}/train/chat.json",
-               "messages": r.get("expected", r["messages"]), "think": r["think"]} for case, r in asked]
-    checks += [{"model": f"/work/{run_dir(case)}/train/merged", "chat": f"/work/{run_dir(case)}/train/chat.json",
-                "messages": ANSWERED, "think": None, "answer": ANSWER} for case in cases]
+    trained = {case.name: {"model": f"/work/{run_dir(case)}/train/{layout.MERGED}",
+                           "chat": f"/work/{run_dir(case)}/train/{layout.CHAT_FORMAT}"} for case in cases}
+    checks = [{**trained[case.name], "messages": r.get("expected", r["messages"]), "think": r["think"]}
+              for case, r in asked]
+    checks += [{**trained[case.name], "messages": ANSWERED, "think": None, "answer": ANSWER} for case in cases]
     mounts = [containers.Mount(run_dir(case), f"/work/{run_dir(case)}") for case in cases]
     expected = in_image(train_image, "finetune.train.render_check", checks, mounts, work)
     texts = [{"gguf": f"/io/ollama/{case.name}.gguf", "text": prompts[i] if i < len(prompts) else ""}

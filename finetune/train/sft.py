@@ -33,7 +33,7 @@ from finetune.core import data as datasets_
 from finetune.core import families, layout
 from finetune.core.config import RunConfig
 from finetune.core.stage import Stopwatch, publish, stage_main
-from finetune.core.templates import encode, save_tokenizer
+from finetune.core.templates import encode, render, save_tokenizer
 from finetune.train import STAGE, chat, numerics
 
 
@@ -191,7 +191,8 @@ def train(config: RunConfig, out: Path) -> Path:
     print(f"train: chat template {fmt.family} ({fmt.source}, sha256 {fmt.sha256[:12]}), turns end with "
           f"{fmt.end_of_turn}, BOS {'added' if fmt.bos else 'none'}", flush=True)
 
-    count = lambda messages: len(encode(tokenizer, chat.assistant_spans(fmt, tokenizer, messages)[0])[0])  # noqa: E731
+    count = lambda messages: len(encode(tokenizer, render(tokenizer, fmt.jinja, messages, False,  # noqa: E731
+                                                          fmt.template_vars))[0])
     splits, problems, _ = datasets_.check(config.data.train, config.data.eval, config.data.format,
                                           config.data.max_seq_len, count, config.data.limit)
     if problems:

@@ -82,8 +82,7 @@ def bpe_tokenizer(meta: dict, case: families.Case, out: Path):
                           for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED) and tokens[i] in vocab])
     bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
     if ADD_BOS[pre]:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+        tokenizer.post_processor = bos_first(bos, vocab[bos])
     else:
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=case.eos,
@@ -97,7 +96,7 @@ def spm_tokenizer(meta: dict, case: families.Case, out: Path):
     does (add_space_prefix after each special token). tokenizer.model, which llama.cpp's converter reads,
     holds the pieces below the first added token; the added ones (Phi-3's <|user|>, ...) are added tokens."""
     from sentencepiece import sentencepiece_model_pb2 as spm
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import generate_merges
 
@@ -135,10 +134,17 @@ def spm_tokenizer(meta: dict, case: families.Case, out: Path):
     bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
     if add_bos:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+        tokenizer.post_processor = bos_first(bos, vocab[bos])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=case.eos, unk_token=unk,
                                    pad_token=case.eos, add_bos_token=add_bos, model_max_length=2048)
+
+
+def bos_first(bos: str, bos_id: int):
+    """The post-processor that puts BOS before every text, as the real Llama tokenizers do."""
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                         special_tokens=[(bos, bos_id)])
 
 
 def check_test_cases(tokenizer, inp: Path | None, expected: Path | None) -> int:
