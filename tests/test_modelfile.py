@@ -69,6 +69,14 @@ def test_baseline_modelfile_adds_the_few_shot_turns_in_order():
     assert text.endswith(f'MESSAGE user """{shot.user}"""\nMESSAGE assistant """{shot.assistant}"""\n')
 
 
+def test_a_family_with_an_ollama_renderer_names_it_and_its_parser_instead_of_a_template():
+    """Gemma 4: Ollama ignores a TEMPLATE for gemma4 GGUFs, so the Modelfile names the built-in renderer the
+    family renders like; the passthrough parser keeps Ollama from switching thinking on by default."""
+    lines = modelfile.render("m.gguf", tiny(), FAMILIES["gemma4"]).splitlines()
+    assert lines[1:4] == ["FROM m.gguf", "RENDERER gemma4-large", "PARSER passthrough"]
+    assert not any(x.startswith("TEMPLATE") for x in lines) and 'PARAMETER stop """<turn|>"""' in lines
+
+
 def test_extra_stop_strings_follow_the_template_ones_once():
     lines = modelfile.render("m.gguf", tiny(stop=["<|im_end|>", "###"]), CHATML).splitlines()
     assert [x for x in lines if x.startswith("PARAMETER stop")] == [
@@ -118,8 +126,8 @@ def test_serve_names_the_fix_when_the_trained_chat_format_is_missing_or_unknown(
     (tmp_path / "convert").mkdir()
     with pytest.raises(modelfiles.ServeError, match="chat.json .*run `invoke convert --force`"):
         modelfiles.trained_family(tmp_path)
-    (tmp_path / "convert" / layout.CHAT_FORMAT).write_text('{"family": "gemma4"}')
-    with pytest.raises(modelfiles.ServeError, match="'gemma4', which this version has no Ollama template for"):
+    (tmp_path / "convert" / layout.CHAT_FORMAT).write_text('{"family": "mistral"}')
+    with pytest.raises(modelfiles.ServeError, match="'mistral', which this version has no Ollama template for"):
         modelfiles.trained_family(tmp_path)
     (tmp_path / "convert" / layout.CHAT_FORMAT).write_text('{"family": "phi3"}')
     assert modelfiles.trained_family(tmp_path) is FAMILIES["phi3"]

@@ -39,7 +39,7 @@ from finetune.core import data as datasets_
 from finetune.core import layout
 from finetune.core.config import RunConfig
 from finetune.core.stage import Stopwatch, file_sha256, publishing, stage_main
-from finetune.core.templates import encode, render, without_bos
+from finetune.core.templates import encode, render, served_prompt, without_bos
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/opt/llama.cpp"))
 LLAMA_CPP_COMMIT = os.environ.get("LLAMA_CPP_COMMIT", "unknown")
@@ -57,6 +57,11 @@ def supported_architectures() -> list[str]:
     """HF architectures the pinned converter handles (listed once at image build time)."""
     text = (LLAMA_CPP_DIR / "supported-models.txt").read_text()
     return re.findall(r"^\s*-\s*(\S+)\s*$", text, re.M)
+
+
+# The GGUF architecture of a transformers model_type, where the names differ: the text-only halves of
+# multimodal families, which llama.cpp's converter writes as the family (conversion/gemma.py).
+GGUF_ARCHITECTURES = {"gemma3_text": "gemma3", "gemma4_text": "gemma4"}
 
 
 def check_merged(merged: Path) -> dict:
@@ -82,6 +87,11 @@ def check_merged(merged: Path) -> dict:
     return hf_config
 
 
+def gguf_architecture(hf_config: dict) -> str:
+    """The general.architecture the converter writes for a config.json."""
+    return GGUF_ARCHITECTURES.get(hf_config["model_type"], hf_config["model_type"])
+
+
 def run_tool(command: list[str], what: str) -> str:
     """Run a llama.cpp tool; on failure raise ConvertError with the end of its output."""
     done = subprocess.run(command, capture_output=True, text=True)
@@ -91,7 +101,7 @@ def run_tool(command: list[str], what: str) -> str:
     return done.stdout + done.stderr
 
 
-def to_gguf(merged: Path, out: Path, outtype: str, description: str) -> None:
+def to_gguf(merged: Path, out: Path, outtype: str, description: str, fmt: dict) -> None:
     """convert_hf_to_gguf.py into out (via a temporary name, renamed when the converter succeeded)."""
     metadata = out.with_suffix(".metadata.json")
     metadata.write_text(json.dumps({"general.description": description}))
@@ -101,7 +111,23 @@ def to_gguf(merged: Path, out: Path, outtype: str, description: str) -> None:
                   "--outtype", outtype, "--metadata", str(metadata)], f"converting {merged} to {outtype}")
     finally:
         metadata.unlink()
+    if fmt.get("bos_text"):
+        set_add_bos(partial, False)
     partial.rename(out)
+
+
+def set_add_bos(path: Path, value: bool) -> None:
+    """Rewrite tokenizer.ggml.add_bos_token in place. For a family whose Ollama renderer writes the BOS text
+    (Gemma 4), the converter's add_bos_token = true (conversion/gemma.py writes it whatever the tokenizer
+    says) would make Ollama's tokenizer add a second BOS."""
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r+")
+    field = reader.fields.get("tokenizer.ggml.add_bos_token")
+    if field is None:
+        raise ConvertError(f"{path.name} has no tokenizer.ggml.add_bos_token to set")
+    field.parts[field.data[0]][0] = value  # a memory map of the file: the one byte of the value
+    reader.data.flush()
 
 
 def quantize(source: Path, out: Path, quant: str, imatrix: Path | None) -> None:
@@ -188,9 +214,10 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
     if (add_bos_key := field("tokenizer.ggml.add_bos_token")) is None:
         problems.append("tokenizer.ggml.add_bos_token is missing: llama.cpp would then decide by vocabulary type and "
                         f"Ollama's Go engine would add BOS; training fed {'one' if fmt['bos'] else 'none'}")
-    elif tuned and bool(add_bos_key) != fmt["bos"]:
+    elif tuned and bool(add_bos_key) != (fmt["bos"] and not fmt.get("bos_text")):
         problems.append(f"tokenizer.ggml.add_bos_token is {add_bos_key}, but training fed "
-                        f"{'a' if fmt['bos'] else 'no'} BOS")
+                        f"{'a' if fmt['bos'] else 'no'} BOS" + (", which the served prompt carries as text"
+                                                                 if fmt.get("bos_text") else ""))
 
     started = time.monotonic()
     llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
@@ -200,7 +227,8 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
         problems.append(f"{end} (id {fmt['end_of_turn_id']}) is not an end-of-generation token of the GGUF: "
                         "generation would not stop at the end of a turn")
     text = render(tokenizer := _tokenizer(hf_dir), fmt["jinja"], prompt_messages, True, fmt["template_vars"])
-    prompt = llm.tokenize(without_bos(text, tokenizer.bos_token).encode(), add_bos=True, special=True)
+    prompt = llm.tokenize(served_prompt(text, tokenizer.bos_token, fmt.get("bos_text", False)).encode(),
+                          add_bos=not fmt.get("bos_text"), special=True)
     if (difference := token_difference(prompt, encode(tokenizer, text)[0], tokenizer, llm)) is not None:
         problems.append(f"llama.cpp tokenizes the chat prompt differently from the trained tokenizer ({difference}): "
                         "Ollama would feed the model input it was not trained on; check that the chat markers "
@@ -264,7 +292,7 @@ def convert(config: RunConfig, out: Path) -> Path:
         full = work / layout.model_gguf(c.outtype)
         print(f"convert: {merged} -> {full.name}", flush=True)
         clock.lap("start")
-        to_gguf(merged, full, c.outtype, description)
+        to_gguf(merged, full, c.outtype, description, fmt)
         clock.lap("convert_hf_to_gguf")
         imatrix = None
         if c.imatrix:
@@ -283,7 +311,7 @@ def convert(config: RunConfig, out: Path) -> Path:
             files.append((quant, target))
         clock.lap("llama-quantize")
         if config.serve.baseline and (base := train / layout.BASE).is_dir():
-            files.append((f"base {config.serve.quant}", base_gguf(base, work, config, description)))
+            files.append((f"base {config.serve.quant}", base_gguf(base, work, config, description, fmt)))
             clock.lap("baseline GGUF")
 
         first = datasets_.read_split(config.data.train).examples[0].messages
@@ -296,7 +324,7 @@ def convert(config: RunConfig, out: Path) -> Path:
         for kind, path in files:
             baseline = kind.startswith("base")
             row = {"type": kind, **check_gguf(path, train / (layout.BASE if baseline else layout.MERGED),
-                                              hf_config["model_type"], fmt, not baseline, prompt, c.require_stop)}
+                                              gguf_architecture(hf_config), fmt, not baseline, prompt, c.require_stop)}
             clock.lap("checks")
             if reference is not None and baseline:
                 row |= perplexity(path, reference)
@@ -320,12 +348,12 @@ def convert(config: RunConfig, out: Path) -> Path:
     return final
 
 
-def base_gguf(base: Path, work: Path, config: RunConfig, description: str) -> Path:
+def base_gguf(base: Path, work: Path, config: RunConfig, description: str, fmt: dict) -> Path:
     """The base model as a GGUF of the served quant type: what the prompt-engineering baseline serves."""
     c, quant = config.convert, config.serve.quant
     full, target = work / layout.base_gguf(c.outtype), work / layout.base_gguf(quant)
     print(f"convert: {base} -> {target.name} (the baseline)", flush=True)
-    to_gguf(base, full, c.outtype, f"base model of {description}")
+    to_gguf(base, full, c.outtype, f"base model of {description}", fmt)
     if quant != c.outtype:
         quantize(full, target, quant, None)
         full.unlink()

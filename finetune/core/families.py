@@ -42,6 +42,13 @@ class Family:
     template_vars: dict = field(default_factory=dict)  # fixed Jinja variables of training
     thinking: bool = False  # the template has a thinking switch (Ollama's `think`, Jinja's enable_thinking)
     reference: str = ""  # the template file, in llama.cpp's models/templates, of the model it was written from
+    # Ollama's built-in renderer and parser in place of a Go TEMPLATE (Ollama ignores TEMPLATE for some
+    # architectures, Gemma 4 among them); `render` is then that renderer's output written in Python.
+    renderer: str = ""
+    parser: str = ""
+    # The served prompt carries the BOS text (Ollama's Gemma 4 renderer writes "<bos>"), so the GGUF must not
+    # make the tokenizer add a second BOS: the convert stage writes add_bos_token = false.
+    bos_text: bool = False
 
 
 def _render_chatml(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
@@ -124,6 +131,22 @@ PHI3_GO = (
     "{{ end }}{{ end }}<|assistant|>\n"
 )
 
+GEMMA4_EMPTY_THOUGHT = "<|channel>thought\n<channel|>"
+
+
+def _render_gemma4(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
+    """Gemma 4 (the 26B/31B template, Ollama's gemma4-large renderer), thinking off: the system turn is a
+    turn of its own; the assistant's role is "model"; every content is trimmed (the answers' thinking
+    channel stripped); the generation prompt opens an empty thought channel, which a finished answer in the
+    history no longer shows (so training puts each answer after the generation prompt: train/chat.py)."""
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    text = f"<|turn>system\n{messages[0]['content'].strip()}<turn|>\n" if has_system else ""
+    for m in messages[1:] if has_system else messages:
+        role = "model" if m["role"] == "assistant" else m["role"]
+        text += f"<|turn>{role}\n{m['content'].strip()}<turn|>\n"
+    return text + (f"<|turn>model\n{GEMMA4_EMPTY_THOUGHT}" if add_generation_prompt else "")
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     # the offline toy, and any model trained on plain ChatML
     Family("chatml", CHATML_GO, ("<|im_end|>", "<|im_start|>"), "<|im_end|>", _render_chatml),
@@ -138,6 +161,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # Phi-3 and Phi-3.5 mini instruct
     Family("phi3", PHI3_GO, ("<|end|>", "<|user|>", "<|assistant|>", PHI3_EOS), "<|end|>", _render_phi3,
            reference="microsoft-Phi-3.5-mini-instruct.jinja"),
+    # Gemma 4 26B/31B instruct, thinking off. Ollama renders it with its own gemma4-large renderer (Ollama
+    # ignores a TEMPLATE for gemma4 GGUFs); the passthrough parser keeps the model from being taken as a
+    # thinking one, which Ollama would switch on for every request that does not say `think`.
+    Family("gemma4", "", ("<turn|>", "<|turn>"), "<turn|>", _render_gemma4, renderer="gemma4-large",
+           parser="passthrough", bos_text=True, reference="google-gemma-4-31B-it.jinja"),
 )}
 
 # Conversations every family's Jinja and Go template must render identically (see the module docstring).
@@ -190,6 +218,7 @@ class Case:
     added_tokens: tuple[tuple[int, str, bool], ...] = ()  # (id, text, special) the vocabulary file predates
     spm_pieces: int = 0  # SentencePiece: pieces in tokenizer.model; the rest are added tokens
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    model_config: tuple[tuple[str, object], ...] = ()  # the architecture's own settings beside the toy sizes
 
 
 # Qwen 2.5's added tokens after <|im_end|> (151645); the qwen2 vocabulary file has [PAD] there. Qwen 3 adds four.
@@ -211,4 +240,8 @@ CASES: tuple[Case, ...] = (
     Case("qwen3", "qwen3", "qwen2", "Qwen-Qwen3-0.6B.jinja", "Qwen3ForCausalLM", "<|im_end|>", _QWEN3_ADDED),
     Case("phi3.5", "phi3", "phi-3", "microsoft-Phi-3.5-mini-instruct.jinja", "Phi3ForCausalLM", PHI3_EOS,
          spm_pieces=32000, target_modules=("qkv_proj", "o_proj")),
+    # One sliding and one full attention layer, no per-layer input embeddings (as the 31B), tied embeddings.
+    Case("gemma4", "gemma4", "gemma-4", "google-gemma-4-31B-it.jinja", "Gemma4ForCausalLM", "<eos>",
+         model_config=(("hidden_size_per_layer_input", 0), ("layer_types", ["sliding_attention", "full_attention"]),
+                       ("tie_word_embeddings", True))),
 )

@@ -56,6 +56,12 @@ def without_bos(text: str, bos_token: str | None) -> str:
     return text[len(bos_token):] if bos_token and text.startswith(bos_token) else text
 
 
+def served_prompt(text: str, bos_token: str | None, bos_text: bool = False) -> str:
+    """A Jinja rendering as Ollama renders the same conversation: without_bos, unless the family's Ollama
+    renderer writes the BOS text itself (families.Family.bos_text)."""
+    return text if bos_text else without_bos(text, bos_token)
+
+
 def encode(tokenizer, text: str, spans: Sequence[tuple[int, int]] = (), assistant_only: bool = False
            ) -> tuple[list[int], list[int]]:
     """(input_ids, mask) of a rendered conversation: the tokenizer's ids with special tokens (BOS where it

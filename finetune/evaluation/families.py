@@ -11,7 +11,7 @@ For each case of finetune/core/families.py CASES, in artifacts/families/<case>/:
    few-shot MESSAGE turns, and answers each probe conversation (Qwen 3: thinking unset, off and on) with one
    token. Compared per conversation:
    - the prompt Ollama rendered (its log) with the trained Jinja template's rendering (apply_chat_template),
-     byte for byte, BOS text aside (BOS is a token in both);
+     byte for byte, BOS text aside (BOS is a token in both), unless the family's Ollama renderer writes it;
    - the token ids: training's (finetune/core/templates.py encode), llama.cpp's of Ollama's prompt (the
      pinned llama.cpp, as llama-server and Ollama's llama.cpp runner tokenize), and Ollama's own: the ids
      its Go engine logs, or, where Ollama runs the model with its llama.cpp runner (which logs no ids), the
@@ -49,7 +49,7 @@ ANSWER = "はい、着払いで承ります。"
 # Real templates of families this project has no Go template for (README: "Not in the matrix, and why"):
 # copied out with the others, so that a test can show each is refused before training.
 UNSUPPORTED_TEMPLATES = ("deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja", "google-gemma-2-2b-it.jinja",
-                         "google-gemma-4-31B-it.jinja", "mistralai-Mistral-Nemo-Instruct-2407.jinja")
+                         "mistralai-Mistral-Nemo-Instruct-2407.jinja")
 
 
 class FamilyError(RuntimeError):
@@ -239,14 +239,16 @@ def run_dir(case: Case) -> Path:
 
 def expected_answers(family: families.Family, messages: list[dict], answer: str) -> list[str]:
     """What each answer's loss must cover, from the family's Go-template twin: the text between the
-    generation prompt before the answer and the end of its turn, in the full conversation."""
+    generation prompt before the answer and the end of its turn, in the full conversation (or, where the
+    generation prompt is no prefix of it, after that prompt: the answer and its end of turn)."""
     full_messages = [*messages, {"role": "assistant", "content": answer}]
     full = family.render(full_messages, False, None)
     found = []
     for i, m in enumerate(full_messages):
         if m["role"] == "assistant":
-            start = len(family.render(full_messages[:i], True, None))
-            found.append(full[start:full.index(family.end_of_turn, start) + len(family.end_of_turn)])
+            head = family.render(full_messages[:i], True, None)
+            text = full if full.startswith(head) else head + m["content"] + family.end_of_turn
+            found.append(text[len(head):text.index(family.end_of_turn, len(head)) + len(family.end_of_turn)])
     return found
 
 
@@ -266,8 +268,8 @@ def compare(cases: list[Case], train_image: str, convert_image: str, serve_image
     checks += [{**trained[case.name], "messages": ANSWERED, "think": None, "answer": ANSWER} for case in cases]
     mounts = [containers.Mount(run_dir(case), f"/work/{run_dir(case)}") for case in cases]
     expected = in_image(train_image, "finetune.train.render_check", checks, mounts, work)
-    texts = [{"gguf": f"/io/ollama/{case.name}.gguf", "text": prompts[i] if i < len(prompts) else ""}
-             for i, (case, _) in enumerate(asked)]
+    texts = [{"gguf": f"/io/ollama/{case.name}.gguf", "text": prompts[i] if i < len(prompts) else "",
+              "add_bos": not FAMILIES[case.family].bos_text} for i, (case, _) in enumerate(asked)]
     llama_ids = in_image(convert_image, "finetune.convert.tokens", texts, [], work)
     for i, (case, request) in enumerate(asked):
         row, want = rows[case.name], expected[i]

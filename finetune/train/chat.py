@@ -1,8 +1,8 @@
 """The chat template of a run in training: which Jinja template, which family, the loss spans and token ids.
 
     fmt = resolve(setting, tokenizer, model_id)   # model.chat_template: auto | a family | a .jinja file
-    text, spans = assistant_spans(fmt, tokenizer, messages)
-    ids, mask = templates.encode(tokenizer, text, spans, assistant_only=True)
+    for text, spans in training_texts(fmt, tokenizer, messages):
+        ids, mask = templates.encode(tokenizer, text, spans, assistant_only=True)
 
 `auto` keeps the base tokenizer's own template; a family name installs that family's reference template
 (finetune/train/assets/templates, from llama.cpp's models/templates); a path installs that file. Whatever
@@ -10,26 +10,33 @@ the source, the family is then found by what the template renders (finetune/core
 whose Go template renders the probe conversations identically, or an error naming the families.
 
 The loss spans come from the template itself: an assistant answer starts where the rendering of the
-conversation before it, with the generation prompt, ends (that text must be a prefix of the full rendering),
-and it ends after the family's end-of-turn token, which the model must learn to produce. What lies between
-(Qwen 3's empty thinking block) is part of what the model generates, so it is in the span too.
+conversation before it, with the generation prompt, ends, and it ends after the family's end-of-turn token,
+which the model must learn to produce. What lies between (Qwen 3's empty thinking block) is part of what the
+model generates, so it is in the span too. Where each generation prompt is a prefix of the full rendering,
+the conversation is one sequence with a span per answer. Where it is not (Gemma 4's generation prompt opens
+an empty thought channel that a finished answer in the history no longer shows), each answer becomes a
+sequence of its own: the generation prompt of the conversation before it, then the answer and the end of
+its turn as the template renders them, so that every answer is trained after the very prompt that serving
+gives the model, and none is dropped.
 
 BOS: the ids are the tokenizer's (BOS added when it adds one) of the rendered text, with the template's own
 BOS text, if any, in place of the added one rather than beside it (finetune/core/templates.py: encode).
 Serving does the same: the Go template leaves the BOS text out and llama.cpp and Ollama add BOS when the
-GGUF's add_bos_token says so; the convert stage checks that llama.cpp's ids equal these.
+GGUF's add_bos_token says so; the convert stage checks that llama.cpp's ids equal these. A family whose
+Ollama renderer writes the BOS text itself (Gemma 4: `bos_text`) keeps it in the served prompt, and its GGUF
+says add_bos_token = false.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from finetune.core import families, layout
 from finetune.core.families import FAMILIES, Family
-from finetune.core.templates import CHATML_JINJA, render, without_bos
+from finetune.core.templates import CHATML_JINJA, render, served_prompt, without_bos
 
 REFERENCE_TEMPLATES = Path(__file__).with_name("assets") / "templates"
 
@@ -48,7 +55,7 @@ class ChatFormat:
     sha256: str
     end_of_turn: str
     end_of_turn_id: int
-    bos: bool  # the token ids start with BOS: the GGUF must say add_bos_token = this
+    bos: bool  # the token ids start with BOS: the GGUF must say add_bos_token = this, unless bos_text
     bos_token: str | None
     template_vars: dict
     go_template: str = ""  # the Modelfile's TEMPLATE
@@ -56,6 +63,12 @@ class ChatFormat:
     # Probe conversations with a system turn (so that a Modelfile SYSTEM does not join them) and the prompt
     # the Jinja template renders for each, BOS text aside: `invoke serve` asks Ollama to render the same.
     probes: list[dict] = field(default_factory=list)
+    bos_text: bool = False  # the served prompt carries the BOS text (families.Family.bos_text)
+
+    def served(self, text: str) -> str:
+        """A Jinja rendering as Ollama renders the same conversation: the BOS text left to the tokenizer,
+        unless the family's renderer writes it."""
+        return served_prompt(text, self.bos_token, self.bos_text)
 
     def write(self, out: Path) -> None:
         (out / layout.CHAT_FORMAT).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n",
@@ -143,35 +156,45 @@ def resolve(setting: str, tokenizer, model_id: str, own: Family | None = None) -
     if not bos and tokenizer.bos_token and render(tokenizer, jinja, families.PROBES[0], True,
                                                   family.template_vars).startswith(tokenizer.bos_token):
         bos = True  # the template writes BOS itself while the tokenizer adds none: it is still the first id
-    probes = [{"messages": list(p), "go": without_bos(render(tokenizer, jinja, p, True, family.template_vars),
-                                                         tokenizer.bos_token)}
+    fmt = ChatFormat(family=family.name, source=setting, jinja=jinja,
+                     sha256=hashlib.sha256(jinja.encode()).hexdigest(), end_of_turn=family.end_of_turn,
+                     end_of_turn_id=end_id, bos=bos, bos_token=tokenizer.bos_token,
+                     template_vars=dict(family.template_vars), go_template=family.go_template,
+                     stop=list(family.stop), bos_text=family.bos_text)
+    probes = [{"messages": list(p), "go": fmt.served(render(tokenizer, jinja, p, True, family.template_vars))}
               for p in families.PROBES if p[0]["role"] == "system"]
-    return ChatFormat(family=family.name, source=setting, jinja=jinja,
-                      sha256=hashlib.sha256(jinja.encode()).hexdigest(), end_of_turn=family.end_of_turn,
-                      end_of_turn_id=end_id, bos=bos, bos_token=tokenizer.bos_token,
-                      template_vars=dict(family.template_vars), go_template=family.go_template,
-                      stop=list(family.stop), probes=probes)
+    return replace(fmt, probes=probes)
 
 
-def assistant_spans(fmt: ChatFormat, tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans where the loss applies: each assistant answer,
-    from the end of the generation prompt before it through the end-of-turn token after it."""
+def training_texts(fmt: ChatFormat, tokenizer, messages) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The texts a conversation trains on, each with the character spans where the loss applies: each
+    assistant answer, from the end of the generation prompt before it through the end-of-turn token after it.
+    One text when every generation prompt is a prefix of the full rendering; else one per answer (see the
+    module docstring)."""
     full = render(tokenizer, fmt.jinja, messages, False, fmt.template_vars)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        head = render(tokenizer, fmt.jinja, messages[:i], True, fmt.template_vars)
-        if not full.startswith(head):
-            raise TemplateError(f"the {fmt.family} template renders the conversation up to answer {i} "
-                                f"differently when the answer follows ({_first_difference(full, head)}), so the "
-                                "answer's tokens cannot be told from the prompt's")
-        content = message["content"].strip()  # Llama 3's template trims it
-        at = full.find(content, len(head))
-        end = at + len(content)
-        end += len(full[end:]) - len(full[end:].lstrip())  # white space the template keeps after the answer
-        if at < 0 or not full.startswith(fmt.end_of_turn, end):
-            raise TemplateError(f"the {fmt.family} template does not render answer {i} followed by "
-                                f"{fmt.end_of_turn}: {full[len(head):len(head) + 80]!r}")
-        spans.append((len(head), end + len(fmt.end_of_turn)))
-    return full, spans
+    heads = {i: render(tokenizer, fmt.jinja, messages[:i], True, fmt.template_vars)
+             for i, m in enumerate(messages) if m["role"] == "assistant"}
+    if all(full.startswith(head) for head in heads.values()):
+        return [(full, [_answer_span(fmt, full, head, i, messages[i]) for i, head in heads.items()])]
+    texts = []
+    for i, head in heads.items():
+        answered = render(tokenizer, fmt.jinja, messages[:i + 1], False, fmt.template_vars)
+        at = answered.rfind(messages[i]["content"].strip())
+        if at < 0:
+            raise TemplateError(f"the {fmt.family} template does not render answer {i} as it was given (it "
+                                f"renders {answered[-80:]!r}), so its tokens cannot be found")
+        text = head + answered[at:]
+        texts.append((text, [_answer_span(fmt, text, head, i, messages[i])]))
+    return texts
+
+
+def _answer_span(fmt: ChatFormat, text: str, head: str, i: int, message: dict) -> tuple[int, int]:
+    """The span of answer i in text, which continues head: from the end of head through the end of turn."""
+    content = message["content"].strip()  # Llama 3's and Gemma 4's templates trim it
+    at = text.find(content, len(head))
+    end = at + len(content)
+    end += len(text[end:]) - len(text[end:].lstrip())  # white space the template keeps after the answer
+    if at < 0 or not text.startswith(fmt.end_of_turn, end):
+        raise TemplateError(f"the {fmt.family} template does not render answer {i} followed by "
+                            f"{fmt.end_of_turn}: {text[len(head):len(head) + 80]!r}")
+    return len(head), end + len(fmt.end_of_turn)

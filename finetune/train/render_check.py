@@ -5,7 +5,7 @@
 REQUESTS is a list of {"model": a trained model directory, "chat": its chat.json, "messages": [...],
 "think": null|true|false}. For each, OUT gets the trained template's rendering with the generation prompt
 (Jinja, as transformers' apply_chat_template renders it), the same text as Ollama's Go template must render
-it (BOS text removed: serving adds BOS as a token), and the token ids training would feed (BOS included).
+it (BOS text removed where serving adds BOS as a token), and the token ids training would feed (BOS included).
 With "answer": the conversation plus that answer is also tokenized with its loss mask as training does,
 and the masked tokens decoded run by run: exactly what the model learns to produce.
 """
@@ -17,7 +17,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from finetune.core.templates import encode, render, without_bos
+from finetune.core.templates import encode, render
 from finetune.train import chat
 
 
@@ -31,21 +31,22 @@ def _tokenizer(model: str):
 def check(request: dict) -> dict:
     tokenizer = _tokenizer(request["model"])
     fmt = json.loads(Path(request["chat"]).read_text(encoding="utf-8"))
+    resolved = chat.ChatFormat(**fmt)
     extra = {} if request.get("think") is None else {"enable_thinking": request["think"]}
     text = render(tokenizer, fmt["jinja"], request["messages"], True, {**fmt["template_vars"], **extra})
-    result = {"jinja": text, "go": without_bos(text, tokenizer.bos_token), "ids": encode(tokenizer, text)[0]}
+    result = {"jinja": text, "go": resolved.served(text), "ids": encode(tokenizer, text)[0]}
     if "answer" in request:
         answered = [*request["messages"], {"role": "assistant", "content": request["answer"]}]
-        resolved = chat.ChatFormat(**fmt)
-        full, spans = chat.assistant_spans(resolved, tokenizer, answered)
-        ids, mask = encode(tokenizer, full, spans, assistant_only=True)
-        runs, current = [], []
-        for token, m in zip([*ids, None], [*mask, 0]):
-            if m:
-                current.append(token)
-            elif current:
-                runs.append(tokenizer.decode(current))
-                current = []
+        runs = []
+        for text, spans in chat.training_texts(resolved, tokenizer, answered):
+            ids, mask = encode(tokenizer, text, spans, assistant_only=True)
+            current = []
+            for token, m in zip([*ids, None], [*mask, 0]):
+                if m:
+                    current.append(token)
+                elif current:
+                    runs.append(tokenizer.decode(current))
+                    current = []
         result["trained"] = runs
     return result
 

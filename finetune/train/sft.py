@@ -42,12 +42,14 @@ class TrainError(RuntimeError):
 
 
 def tokenize(examples, tokenizer, fmt: chat.ChatFormat, assistant_only: bool) -> dict[str, list]:
-    """input_ids (the chat template's rendering) and assistant_masks (1 where the loss applies) per example."""
+    """input_ids (the chat template's rendering) and assistant_masks (1 where the loss applies) per training
+    text: one per example, or one per answer where the template needs that (train/chat.py)."""
     ids, masks = [], []
     for example in examples:
-        tokens, mask = encode(tokenizer, *chat.assistant_spans(fmt, tokenizer, example.messages), assistant_only)
-        ids.append(tokens)
-        masks.append(mask)
+        for text, spans in chat.training_texts(fmt, tokenizer, example.messages):
+            tokens, mask = encode(tokenizer, text, spans, assistant_only)
+            ids.append(tokens)
+            masks.append(mask)
     return {"input_ids": ids, "assistant_masks": masks}
 
 

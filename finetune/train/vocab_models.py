@@ -9,6 +9,8 @@ pre-tokenizer), so the tokenizer is rebuilt from the GGUF's tokens and merges:
 
 - BPE vocabularies (tokenizer.ggml.model = gpt2): byte-level BPE with the pre-tokenizer regex that
   llama.cpp uses for tokenizer.ggml.pre (NFC first for Qwen), BOS added where llama.cpp adds it;
+- Gemma 4's vocabulary (gemma4): BPE over raw UTF-8 with spaces written "▁", split only at line breaks, byte
+  fallback; every control token a special token of the tokenizer (the converter types tokens from that);
 - SentencePiece vocabularies (llama): BPE over the pieces in score order with byte fallback and "▁"
   prepended to each text between special tokens, as the real tokenizer.json and llama.cpp do; plus a
   tokenizer.model written from the tokens, scores and types, which llama.cpp's converter reads.
@@ -88,6 +90,36 @@ def bpe_tokenizer(meta: dict, case: families.Case, out: Path):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=case.eos,
                                    pad_token=tokens[meta.get("tokenizer.ggml.padding_token_id", vocab[case.eos])],
                                    add_bos_token=ADD_BOS[pre], model_max_length=2048)
+
+
+def gemma4_tokenizer(meta: dict, case: families.Case, out: Path):
+    """Gemma 4's tokenizer from its GGUF vocabulary: BPE on raw UTF-8 with " " replaced by "▁" and no prefix
+    space, split only into runs of line breaks and of other text (llama.cpp's LLAMA_VOCAB_PRE_TYPE_GEMMA4),
+    byte fallback. The control tokens (<|turn>, <turn|>, ...) are special tokens, <|channel>-style ones
+    plain added tokens, as the converter (conversion/gemma.py, Gemma4Model.set_vocab) types them back."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    name = lambda key: tokens[meta[f"tokenizer.ggml.{key}_token_id"]]  # noqa: E731
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=name("unknown"), fuse_unk=True,
+                                     byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), behavior="isolated")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    control = [tokens[i] for i, t in enumerate(types) if t == CONTROL]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                          for i, t in enumerate(types) if t == USER_DEFINED])
+    bos = name("bos")
+    tokenizer.post_processor = bos_first(bos, vocab[bos])
+    named = {bos, case.eos, name("unknown"), name("padding"), name("mask")}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=case.eos,
+                                   unk_token=name("unknown"), pad_token=name("padding"), mask_token=name("mask"),
+                                   extra_special_tokens=[t for t in control if t not in named],
+                                   add_bos_token=True, model_max_length=2048)
 
 
 def spm_tokenizer(meta: dict, case: families.Case, out: Path):
@@ -174,7 +206,7 @@ def build(case: families.Case, source: Path, out: Path) -> dict:
     meta = read_metadata(gguf)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    make = bpe_tokenizer if meta["tokenizer.ggml.model"] == "gpt2" else spm_tokenizer
+    make = {"gpt2": bpe_tokenizer, "gemma4": gemma4_tokenizer}.get(meta["tokenizer.ggml.model"], spm_tokenizer)
     tokenizer = make(meta, case, out)
     checked = check_test_cases(tokenizer, inp, expected)
     tokenizer.chat_template = (source / case.template).read_text(encoding="utf-8")
@@ -183,7 +215,8 @@ def build(case: families.Case, source: Path, out: Path) -> dict:
     architecture = getattr(transformers, case.architecture)
     config = architecture.config_class(
         vocab_size=len(meta["tokenizer.ggml.tokens"]), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids(case.eos), pad_token_id=tokenizer.pad_token_id, **SIZES)
+        eos_token_id=tokenizer.convert_tokens_to_ids(case.eos), pad_token_id=tokenizer.pad_token_id,
+        **(SIZES | dict(case.model_config)))
     architecture(config).save_pretrained(out)
     built = {"case": case.name, "vocab": gguf.name, "template": case.template, "test_cases": checked,
              "architecture": case.architecture, "vocab_size": config.vocab_size}
