@@ -36,7 +36,7 @@ from finetune import bench as bench_
 from finetune.core import data as data_stage
 from finetune.core import layout
 from finetune.core.config import ConfigError, RunConfig, load_config, to_yaml
-from finetune.core.families import CASES
+from finetune.core.families import CASES, PROMPT_CASES
 from finetune.evaluation import evaluate
 from finetune.evaluation import families as families_
 from finetune.host import baseimage, cache, containers, manifest
@@ -408,14 +408,16 @@ def ollama(c: Context, force: bool = False) -> None:
     print(f"images.ollama: {tag} built")
 
 
-@task(iterable=["case"], help={"case": f"only this case (repeatable): {', '.join(c.name for c in CASES)}"})
+@task(iterable=["case"], help={"case": f"only this case (repeatable): {', '.join(c.name for c in (*CASES, *PROMPT_CASES))}"})
 def families(c: Context, case: list[str] | None = None) -> None:
     """Prove each chat-template family end to end: a tiny model with the family's real vocabulary and
     template, trained, converted and served; prompts and token ids compared (finetune/evaluation/families.py)."""
-    unknown = sorted(set(case or ()) - {x.name for x in CASES})
+    names = [x.name for x in (*CASES, *PROMPT_CASES)]
+    unknown = sorted(set(case or ()) - set(names))
     if unknown:
-        raise Exit(f"families: unknown case {', '.join(unknown)}: use {', '.join(x.name for x in CASES)}", code=2)
-    chosen = [x for x in CASES if not case or x.name in case]
+        raise Exit(f"families: unknown case {', '.join(unknown)}: use {', '.join(names)}", code=2)
+    prompt_only = [x for x in PROMPT_CASES if not case or x.name in case]
+    chosen = [x for x in CASES if not case or x.name in case or x.name in {p.stand_in for p in prompt_only}]
     train_image, convert_image = stage_image(c, "train"), stage_image(c, "convert")
     rows = {}
     try:
@@ -435,6 +437,12 @@ def families(c: Context, case: list[str] | None = None) -> None:
         done = [x for x in chosen if rows[x.name].convert == "ok"]
         if done:
             families_.compare(done, train_image, convert_image, stage_image(c, "serve"), rows)
+        for x in prompt_only:
+            rows[x.name] = families_.Row(x.name, x.family, x.vocab, runner="-", prompt_only=True)
+            if x.stand_in not in {d.name for d in done}:
+                rows[x.name].problems.append(f"its stand-in {x.stand_in} did not convert")
+        if ready := [x for x in prompt_only if not rows[x.name].problems]:
+            families_.compare_prompts(ready, train_image, stage_image(c, "serve"), rows)
     except (families_.FamilyError, containers.ContainerError) as e:
         raise Exit(f"families: {e}") from e
     report = families_.write_report(list(rows.values()))

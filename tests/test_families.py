@@ -1,7 +1,7 @@
 """Model families, each with its own chat template. Unit tests: the config's choices, the GGUF reader, the
 matrix's log parsing and expected loss spans. Docker-marked: `invoke families` trains, converts and serves a
 tiny model of every family with its real vocabulary and template (from the pinned llama.cpp source) and finds
-Ollama's prompts and token ids equal to training's; templates that no family renders, and a forced format
+Ollama's prompts and token ids equal to training's (a family without a vocabulary there: its prompts); templates that no family renders, and a forced format
 the vocabulary cannot carry, are refused before any training, naming the choices."""
 
 from __future__ import annotations
@@ -72,6 +72,24 @@ def test_every_family_renders_each_probe_and_answers_end_with_its_end_of_turn():
         families.EMPTY_THINK + matrix.ANSWER + "<|im_end|>"  # Qwen 3's last answer carries its empty thinking
 
 
+def test_where_the_generation_prompt_is_no_prefix_each_answer_trains_after_its_own_prompt():
+    """Gemma 4's empty thought channel, DeepSeek-R1's empty thinking block and Mistral Nemo's system prompt
+    are in the generation prompt but not in an answered turn: the loss covers each answer and its end of turn,
+    the text before it being that prompt (train/chat.py training_texts)."""
+    answered = [*matrix.ANSWERED, {"role": "assistant", "content": matrix.ANSWER}]
+    with_system = [{"role": "system", "content": "丁寧に"}, *answered]
+    for name in ("gemma4", "deepseek-r1", "mistral-nemo"):
+        family = families.FAMILIES[name]
+        heads = [family.render(with_system[:i], True, None) for i in (2, 4)]
+        assert not all(family.render(with_system, False, None).startswith(h) for h in heads), name
+        end = family.end_of_turn
+        assert matrix.expected_answers(family, matrix.ANSWERED, matrix.ANSWER) == [
+            matrix.ANSWERED[1]["content"] + end, matrix.ANSWER + end], name
+    thought = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nx\n</think>\n\nA"}]
+    assert families.FAMILIES["deepseek-r1"].render(thought, False, None) == \
+        "<｜User｜>Q<｜Assistant｜>\n\nA<｜end▁of▁sentence｜>"  # its template drops an answer's thinking
+
+
 def test_the_matrix_reads_prompts_and_the_runners_ids_from_ollamas_trace_log():
     log = "\n".join([
         'time=1 level=TRACE msg="completion request" prompt="<|im_start|>user\\n\\u8fd4<|im_end|>\\n"',
@@ -96,8 +114,12 @@ def matrix_rows():
 @pytest.mark.docker
 @pytest.mark.slow
 def test_every_family_is_served_with_the_prompt_and_ids_it_was_trained_on(matrix_rows):
-    assert list(matrix_rows) == [c.name for c in families.CASES]
-    for case, row in matrix_rows.items():
+    assert list(matrix_rows) == [c.name for c in (*families.CASES, *families.PROMPT_CASES)]
+    rows = dict(matrix_rows)
+    for case in families.PROMPT_CASES:  # no vocabulary in the source: the prompts alone
+        row = rows.pop(case.name)
+        assert row["prompt_only"] and row["problems"] == [] and row["prompts"] == [4, 4], case.name
+    for case, row in rows.items():
         assert row["test_cases"] == (46 if case == "gemma4" else 47), case  # llama.cpp's test cases of the vocabulary
         assert row["convert"] == "ok" and row["problems"] == [], case
         assert row["prompts"][0] == row["prompts"][1] >= 5 and row["ids"][0] == row["ids"][1] >= 5, case

@@ -15,6 +15,11 @@ what the model's Jinja template *does*, not by its name:
 - That `render` equals Ollama's rendering of the Go template is proven per family with a real Ollama
   (tests/test_families.py, `invoke families`).
 
+For some architectures Ollama ignores a TEMPLATE and renders with its own code (Gemma 4): such a family names
+that renderer and parser instead, and its `render` is that renderer's output written in Python, proven the
+same way. PROMPT_CASES are families whose vocabulary the pinned source lacks (Mistral Nemo's tekken): only
+their prompts are compared.
+
 Jinja that a Go template cannot express is left out on purpose: Llama 3 trims each message (Go templates
 have no trim), so contents with leading or trailing white space render differently; the probes keep to
 contents without it (README: "Known limits").
@@ -147,6 +152,60 @@ def _render_gemma4(messages: Messages, add_generation_prompt: bool, think: bool 
     return text + (f"<|turn>model\n{GEMMA4_EMPTY_THOUGHT}" if add_generation_prompt else "")
 
 
+def _render_mistral_nemo(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
+    """Mistral Nemo: no turn markers but [INST]...[/INST] around the user's text and </s> after each answer;
+    the system prompt joins the last user turn, and only when the conversation ends with it (a finished
+    answer in the history no longer shows it, so each answer trains after its own prompt: train/chat.py); no
+    generation prompt."""
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    rest = messages[1:] if has_system else messages
+    text = ""
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            system = f"{messages[0]['content']}\n\n" if has_system and i == len(rest) - 1 else ""
+            text += f"[INST]{system}{m['content']}[/INST]"
+        elif m["role"] == "assistant":
+            text += m["content"] + "</s>"
+    return text
+
+
+MISTRAL_NEMO_GO = (
+    '{{- $system := "" }}{{- $hasSystem := false }}'
+    '{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ $hasSystem = true }}{{ end }}{{ end }}'
+    '{{- range $i, $m := .Messages }}'
+    '{{- if eq $m.Role "user" }}[INST]{{ if and $hasSystem (eq (len (slice $.Messages $i)) 1) }}{{ $system }}\n\n'
+    '{{ end }}{{ $m.Content }}[/INST]'
+    '{{- else if eq $m.Role "assistant" }}{{ $m.Content }}</s>{{ end }}{{ end }}'
+)
+
+
+DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
+
+
+def _render_deepseek_r1(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
+    """DeepSeek-R1-Distill, thinking off (as llama.cpp's copy of the Distill-Qwen template renders when
+    enable_thinking is not true): the last system prompt first, with no marker; <｜User｜> and <｜Assistant｜>
+    before each turn, an answer's thinking dropped and EOS after it; the generation prompt opens and closes an
+    empty thinking block, which a finished answer in the history no longer shows (train/chat.py)."""
+    systems = [m["content"] for m in messages if m["role"] == "system"]
+    text = systems[-1] if systems else ""
+    for m in messages:
+        if m["role"] == "user":
+            text += "<｜User｜>" + m["content"]
+        elif m["role"] == "assistant":
+            text += "<｜Assistant｜>" + m["content"].split("</think>")[-1] + DEEPSEEK_EOS
+    return text + ("<｜Assistant｜><think>\n</think>" if add_generation_prompt else "")
+
+
+DEEPSEEK_R1_GO = (
+    '{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
+    "{{- $system }}"
+    '{{- range .Messages }}{{ if eq .Role "user" }}<｜User｜>{{ .Content }}'
+    '{{ else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}' + DEEPSEEK_EOS + "{{ end }}{{ end }}"
+    "<｜Assistant｜><think>\n</think>"
+)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     # the offline toy, and any model trained on plain ChatML
     Family("chatml", CHATML_GO, ("<|im_end|>", "<|im_start|>"), "<|im_end|>", _render_chatml),
@@ -166,6 +225,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # thinking one, which Ollama would switch on for every request that does not say `think`.
     Family("gemma4", "", ("<turn|>", "<|turn>"), "<turn|>", _render_gemma4, renderer="gemma4-large",
            parser="passthrough", bos_text=True, reference="google-gemma-4-31B-it.jinja"),
+    # DeepSeek-R1-Distill (Qwen and Llama), thinking off: the reference template is llama.cpp's copy of the
+    # Distill-Qwen one, which closes the thinking block when enable_thinking is not true. DeepSeek's own
+    # template opens it (<think>\n) whatever the switch; answers trained there would be answers inside an
+    # unclosed thinking block, so that template renders like no family and is refused.
+    Family("deepseek-r1", DEEPSEEK_R1_GO, (DEEPSEEK_EOS, "<｜User｜>"), DEEPSEEK_EOS, _render_deepseek_r1,
+           reference="deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"),
+    # Mistral Nemo Instruct 2407 (tekken vocabulary: not in the pinned source, so only its prompts are proven)
+    Family("mistral-nemo", MISTRAL_NEMO_GO, ("</s>", "[INST]"), "</s>", _render_mistral_nemo,
+           reference="mistralai-Mistral-Nemo-Instruct-2407.jinja"),
 )}
 
 # Conversations every family's Jinja and Go template must render identically (see the module docstring).
@@ -218,6 +286,7 @@ class Case:
     added_tokens: tuple[tuple[int, str, bool], ...] = ()  # (id, text, special) the vocabulary file predates
     spm_pieces: int = 0  # SentencePiece: pieces in tokenizer.model; the rest are added tokens
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    bos: str = ""  # the tokenizer's bos_token, where it is not the vocabulary file's
     model_config: tuple[tuple[str, object], ...] = ()  # the architecture's own settings beside the toy sizes
 
 
@@ -229,6 +298,16 @@ _QWEN25_ADDED = tuple((151646 + i, t, t.startswith("<|")) for i, t in enumerate(
     "<|repo_name|>", "<|file_sep|>")))
 _QWEN3_ADDED = _QWEN25_ADDED + tuple((151665 + i, t, False) for i, t in enumerate((
     "<tool_response>", "</tool_response>", "<think>", "</think>")))
+
+# DeepSeek-R1-Distill-Qwen's added tokens from <|endoftext|> (151643) on, as its tokenizer_config.json has them:
+# its own markers where Qwen 2.5 has <|endoftext|>, <|im_start|> and <|im_end|>, then Qwen 2.5's, shifted.
+_DEEPSEEK_QWEN_ADDED = tuple((151643 + i, t, s) for i, (t, s) in enumerate((
+    (DEEPSEEK_EOS, True), ("<｜User｜>", False), ("<｜Assistant｜>", False), ("<｜begin▁of▁sentence｜>", True),
+    ("<|EOT|>", False), ("<think>", False), ("</think>", False), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True), ("<|image_pad|>", True),
+    ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False),
+    ("<|file_sep|>", False))))
 
 CASES: tuple[Case, ...] = (
     Case("llama3.1", "llama3", "llama-bpe", "meta-llama-Llama-3.1-8B-Instruct.jinja", "LlamaForCausalLM",
@@ -244,4 +323,27 @@ CASES: tuple[Case, ...] = (
     Case("gemma4", "gemma4", "gemma-4", "google-gemma-4-31B-it.jinja", "Gemma4ForCausalLM", "<eos>",
          model_config=(("hidden_size_per_layer_input", 0), ("layer_types", ["sliding_attention", "full_attention"]),
                        ("tie_word_embeddings", True))),
+    Case("deepseek-r1-qwen", "deepseek-r1", "qwen2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
+         "Qwen2ForCausalLM", DEEPSEEK_EOS, _DEEPSEEK_QWEN_ADDED, bos="<｜begin▁of▁sentence｜>"),
+)
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    """A family of the matrix whose vocabulary the pinned source lacks: only its prompts are compared. The
+    real template renders the probes in the train image (with the family's BOS and EOS texts); Ollama renders
+    them with the family's Modelfile on a stand-in case's GGUF (a prompt's text does not depend on the
+    vocabulary; its ids do, so they are not compared)."""
+
+    name: str
+    family: str
+    template: str  # models/templates/<template>
+    special: tuple[tuple[str, str], ...]  # the tokenizer's special tokens the template uses: (name, text)
+    vocab: str  # what the source lacks, for the table
+    stand_in: str  # the case whose GGUF Ollama loads
+
+
+PROMPT_CASES: tuple[PromptCase, ...] = (
+    PromptCase("mistral-nemo", "mistral-nemo", "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+               (("bos_token", "<s>"), ("eos_token", "</s>")), "tekken: not in the source", "llama3.2"),
 )

@@ -17,6 +17,9 @@ For each case of finetune/core/families.py CASES, in artifacts/families/<case>/:
      its Go engine logs, or, where Ollama runs the model with its llama.cpp runner (which logs no ids), the
      prompt_eval_count it reports;
    - what the loss trains, decoded: each answer of a multi-turn conversation plus the end-of-turn token.
+4. the families whose vocabulary the source lacks (PROMPT_CASES: Mistral Nemo's tekken) are compared on their
+   prompts alone: the real template must render like the family, and Ollama, serving the family's Modelfile
+   on a stand-in case's GGUF, every probe as the template does (compare_prompts).
 The table goes to artifacts/families/families.md and .json; any difference is a failure.
 """
 
@@ -34,7 +37,7 @@ import yaml
 
 from finetune.core import families, layout
 from finetune.core.config import FewShot, load_config
-from finetune.core.families import CASES, FAMILIES, Case
+from finetune.core.families import CASES, FAMILIES, PROMPT_CASES, Case, PromptCase
 from finetune.host import containers
 from finetune.serve import modelfile
 
@@ -49,7 +52,7 @@ ANSWER = "はい、着払いで承ります。"
 # Real templates of families this project has no Go template for (README: "Not in the matrix, and why"):
 # copied out with the others, so that a test can show each is refused before training.
 UNSUPPORTED_TEMPLATES = ("deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja", "google-gemma-2-2b-it.jinja",
-                         "mistralai-Mistral-Nemo-Instruct-2407.jinja")
+                         "Mistral-Small-3.2-24B-Instruct-2506.jinja")
 
 
 class FamilyError(RuntimeError):
@@ -69,10 +72,12 @@ class Row:
     prompts: list[int] = field(default_factory=lambda: [0, 0])  # identical, compared
     ids: list[int] = field(default_factory=lambda: [0, 0])
     problems: list[str] = field(default_factory=list)
+    prompt_only: bool = False  # a PromptCase: no vocabulary, so no training, conversion or ids
 
     @property
     def ok(self) -> bool:
-        return not self.problems and self.prompts[0] == self.prompts[1] > 0 and self.ids[0] == self.ids[1] > 0
+        return not self.problems and self.prompts[0] == self.prompts[1] > 0 and (
+            self.prompt_only or self.ids[0] == self.ids[1] > 0)
 
 
 def case_dir(case: Case) -> Path:
@@ -83,7 +88,8 @@ def export_sources(image: str) -> Path:
     """Copy the cases' vocabularies (with their test cases) and templates out of the convert image."""
     source = ROOT / "source"
     names = sorted({f"ggml-vocab-{c.vocab}.gguf{x}" for c in CASES for x in ("", ".inp", ".out")}
-                   | {f"templates/{t}" for t in (*(c.template for c in CASES), *UNSUPPORTED_TEMPLATES)})
+                   | {f"templates/{t}" for t in (*(c.template for c in (*CASES, *PROMPT_CASES)),
+                                                 *UNSUPPORTED_TEMPLATES)})
     code = containers.run(image, [f"cp {' '.join(f'{MODELS_DIR}/{n}' for n in names)} /out/"],
                           [containers.Mount(source, "/out", read_only=False)], entrypoint=["sh", "-c"])
     if code != 0:
@@ -149,15 +155,8 @@ def serve_all(cases: list[Case], image: str, work: Path) -> tuple[list[dict], st
                                                     encoding="utf-8")
             lines.append(f"{name} {name}.Modelfile {case.name}.gguf\n")
     (work / "models").write_text("".join(lines), encoding="utf-8")
-    for path in [work, *work.iterdir()]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    engine = containers.client()
-    container = engine.containers.run(image, detach=True, ports={"11434/tcp": ("127.0.0.1", None)},
-                                      environment={"MODELS_FILE": "/t/models", "OLLAMA_DEBUG": "2"},
-                                      volumes={str(work.resolve()): {"bind": "/t", "mode": "ro"}})
+    container, port = start_ollama(image, work)
     try:
-        wait_healthy(container)
-        port = container.attrs["NetworkSettings"]["Ports"]["11434/tcp"][0]["HostPort"]
         responses = [ask(port, r) for case in cases for r in requests(case)]
         log = container.logs().decode(errors="replace")
     finally:
@@ -165,14 +164,75 @@ def serve_all(cases: list[Case], image: str, work: Path) -> tuple[list[dict], st
     return responses, log
 
 
+def start_ollama(image: str, work: Path):
+    """The serve image serving the models that work/models lists (with their Modelfiles and GGUFs in work),
+    at trace level; (the healthy container, its port on 127.0.0.1)."""
+    for path in [work, *work.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    container = containers.client().containers.run(
+        image, detach=True, ports={"11434/tcp": ("127.0.0.1", None)},
+        environment={"MODELS_FILE": "/t/models", "OLLAMA_DEBUG": "2"},
+        volumes={str(work.resolve()): {"bind": "/t", "mode": "ro"}})
+    try:
+        wait_healthy(container)
+    except FamilyError:
+        container.remove(force=True)
+        raise
+    return container, container.attrs["NetworkSettings"]["Ports"]["11434/tcp"][0]["HostPort"]
+
+
+def compare_prompts(cases: list[PromptCase], train_image: str, serve_image: str, rows: dict[str, Row]) -> None:
+    """The families without a vocabulary in the source (PROMPT_CASES): the real template must render like
+    the family (the train stage's detection), and Ollama, serving the family's Modelfile on a stand-in GGUF,
+    must render every probe as the template does (asked with `_debug_render_only`)."""
+    work = ROOT / "compare-prompts"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "ollama").mkdir(parents=True)
+    conversations = [list(p) for p in families.PROBES]
+    expected = in_image(train_image, "finetune.train.render_check",
+                        [{"template": f"/src/{c.template}", "special": c.special, "conversations": conversations}
+                         for c in cases], [containers.Mount(ROOT / "source", "/src")], work)
+    lines = []
+    for case in cases:
+        stand_in = next(c for c in CASES if c.name == case.stand_in)
+        shutil.copy(layout.stage_dir(run_dir(stand_in), "convert") / layout.model_gguf("Q8_0"),
+                    work / "ollama" / f"{case.name}.gguf")
+        text = modelfile.render(f"./{case.name}.gguf", load_config(case_dir(stand_in) / "config.yaml"),
+                                FAMILIES[case.family])
+        (work / "ollama" / f"{case.name}.Modelfile").write_text(text, encoding="utf-8")
+        lines.append(f"{case.name} {case.name}.Modelfile {case.name}.gguf\n")
+    (work / "ollama" / "models").write_text("".join(lines), encoding="utf-8")
+    container, port = start_ollama(serve_image, work / "ollama")
+    try:
+        for case, want in zip(cases, expected):
+            row = rows[case.name]
+            if want["family"] != case.family:
+                row.problems.append(f"{case.template} renders like {want['family']}, not {case.family}: "
+                                    f"{want.get('error', '')}")
+            for messages, go in zip(conversations, want["go"]):
+                body = {"model": case.name, "messages": messages, "stream": False, "_debug_render_only": True}
+                rendered = post(port, body)["_debug_info"]["rendered_template"]
+                row.prompts[1] += 1
+                if rendered == go:
+                    row.prompts[0] += 1
+                else:
+                    row.problems.append(f"{len(messages)} messages: Ollama rendered {rendered!r}, the template {go!r}")
+    finally:
+        container.remove(force=True)
+
+
+def post(port: str, body: dict) -> dict:
+    http = urllib.request.Request(f"http://127.0.0.1:{port}/api/chat", data=json.dumps(body).encode())
+    with urllib.request.urlopen(http, timeout=300) as response:
+        return json.loads(response.read())
+
+
 def ask(port: str, request: dict) -> dict:
     body = {"model": request["model"], "messages": request["messages"], "stream": False,
             "options": {"num_predict": 1, "temperature": 0}}
     if request["think"] is not None:
         body["think"] = request["think"]
-    http = urllib.request.Request(f"http://127.0.0.1:{port}/api/chat", data=json.dumps(body).encode())
-    with urllib.request.urlopen(http, timeout=300) as response:
-        return json.loads(response.read())
+    return post(port, body)
 
 
 def wait_healthy(container, within_s: float = 300) -> None:
@@ -305,6 +365,10 @@ def table(rows: list[Row]) -> str:
              "end of turn) | convert checks | Ollama prompt = Jinja | ids: train = llama.cpp = Ollama |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.prompt_only:
+            lines.append(f"| {r.case} | {r.family} | {r.vocab} | {r.runner} | n/a | n/a | {r.prompts[0]}/{r.prompts[1]} "
+                         "| n/a |")
+            continue
         lines.append(f"| {r.case} | {r.family} | {r.vocab} ({r.test_cases}/{r.test_cases}) | {r.runner} | "
                      f"{'ok' if r.trained == 'ok' else 'DIFFERS'} | {r.convert} | {r.prompts[0]}/{r.prompts[1]} | "
                      f"{r.ids[0]}/{r.ids[1]} |")

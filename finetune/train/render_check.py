@@ -7,7 +7,8 @@ REQUESTS is a list of {"model": a trained model directory, "chat": its chat.json
 (Jinja, as transformers' apply_chat_template renders it), the same text as Ollama's Go template must render
 it (BOS text removed where serving adds BOS as a token), and the token ids training would feed (BOS included).
 With "answer": the conversation plus that answer is also tokenized with its loss mask as training does,
-and the masked tokens decoded run by run: exactly what the model learns to produce.
+and the masked tokens decoded run by run: exactly what the model learns to produce. A request with
+"template" instead of "model" is a template of a family whose vocabulary the source lacks (template_check).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from finetune.core.templates import encode, render
+from finetune.core.families import FAMILIES
+from finetune.core.templates import encode, render, served_prompt
 from finetune.train import chat
 
 
@@ -51,9 +53,31 @@ def check(request: dict) -> dict:
     return result
 
 
+def template_check(request: dict) -> dict:
+    """A template without a model (finetune/core/families.py PROMPT_CASES): {"template": a .jinja file,
+    "special": [[name, text], ...], "conversations": [...]} gives the family the template renders like (or
+    the TemplateError's message) and its rendering of each conversation with the generation prompt."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    special = dict(request["special"])
+    vocab = {t: i for i, t in enumerate(["<unk>", *special.values()])}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                        unk_token="<unk>", **special)
+    jinja = Path(request["template"]).read_text(encoding="utf-8")
+    try:
+        family = chat.detect(tokenizer, jinja, list(FAMILIES.values()))
+    except chat.TemplateError as e:
+        return {"family": None, "error": str(e), "go": []}
+    return {"family": family.name, "go": [served_prompt(render(tokenizer, jinja, m, True, family.template_vars),
+                                                        tokenizer.bos_token, family.bos_text)
+                                          for m in request["conversations"]]}
+
+
 def main(argv: list[str] | None = None) -> int:
     requests, out = (argv or sys.argv[1:])[:2]
-    results = [check(r) for r in json.loads(Path(requests).read_text(encoding="utf-8"))]
+    results = [check(r) if "model" in r else template_check(r)
+               for r in json.loads(Path(requests).read_text(encoding="utf-8"))]
     Path(out).write_text(json.dumps(results, ensure_ascii=False), encoding="utf-8")
     return 0
 

@@ -82,7 +82,7 @@ def bpe_tokenizer(meta: dict, case: families.Case, out: Path):
     special = {i for i, _, s in case.added_tokens if s} | {i for i, t in enumerate(types) if t == CONTROL}
     tokenizer.add_tokens([AddedToken(tokens[i], special=i in special, normalized=False)
                           for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED) and tokens[i] in vocab])
-    bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
+    bos = case.bos or tokens[meta["tokenizer.ggml.bos_token_id"]]
     if ADD_BOS[pre]:
         tokenizer.post_processor = bos_first(bos, vocab[bos])
     else:
