@@ -9,6 +9,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke serve                   # Ollama serving the run's model (and its baseline), detached
     ./invoke chat "商品を返品したいです"  # one answer from the served model, streamed
     ./invoke stop                    # stop the run's Ollama container
+    ./invoke export                  # the served model as a bundle for any Ollama -> artifacts/<run>/export/
     ./invoke eval                    # baseline vs fine-tuned (every quant) on the eval split: report.html
     ./invoke bench                   # every stage timed beside the plain tools: bench.md, bench.json
     ./invoke verify                  # recheck every artifact against artifacts/<run>/manifest.json
@@ -40,7 +41,7 @@ from finetune.core.families import CASES, PROMPT_CASES
 from finetune.evaluation import evaluate
 from finetune.evaluation import families as families_
 from finetune.host import baseimage, cache, containers, manifest
-from finetune.serve import modelfiles
+from finetune.serve import bundle, modelfiles
 from finetune.serve import server as serve_stage
 
 CONFIG_HELP = "run config (YAML); default: finetune.config (configs/tiny-ja.yaml)"
@@ -253,6 +254,21 @@ def chat(c: Context, question: str, config: str | None = None, set_: list[str] |
 
 
 @task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
+def export(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
+    """Write the served model as a bundle for any Ollama: artifacts/<run>/export/<model name>/ and .tar, with the
+    GGUF, a Modelfile beside it, the run's record and the two commands (finetune/serve/bundle.py)."""
+    cfg = load(c, config, set_)
+    try:
+        archive = bundle.export(cfg, layout.run_dir(cfg.run))
+    except modelfiles.ServeError as e:
+        raise Exit(f"export: {e}", code=2) from e
+    folder = archive.with_suffix("")
+    print(f"export: {folder}/ and {archive.name} ({archive.stat().st_size / 1e6:.1f} MB, sha256 "
+          f"{archive.with_name(archive.name + '.sha256').read_text().split()[0][:16]}); on any machine with Ollama: "
+          f"`cd {folder.name} && ollama create {cfg.serve.model_name} -f Modelfile`")
+
+
+@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP})
 def stop(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
     """Stop and remove the run's serve container (the model store volume stays)."""
     cfg = load(c, config, set_)
@@ -408,7 +424,8 @@ def ollama(c: Context, force: bool = False) -> None:
     print(f"images.ollama: {tag} built")
 
 
-@task(iterable=["case"], help={"case": f"only this case (repeatable): {', '.join(c.name for c in (*CASES, *PROMPT_CASES))}"})
+@task(iterable=["case"],
+      help={"case": f"only this case (repeatable): {', '.join(c.name for c in (*CASES, *PROMPT_CASES))}"})
 def families(c: Context, case: list[str] | None = None) -> None:
     """Prove each chat-template family end to end: a tiny model with the family's real vocabulary and
     template, trained, converted and served; prompts and token ids compared (finetune/evaluation/families.py)."""
@@ -462,7 +479,7 @@ def test(c: Context, k: str | None = None, m: str | None = None) -> None:
 
 
 images = Collection("images", base, ollama)
-ns = Collection(data, train, convert, serve, chat, stop, eval, bench, verify, families, test, images)
+ns = Collection(data, train, convert, serve, chat, stop, export, eval, bench, verify, families, test, images)
 ns.configure({
     "finetune": {
         "config": "configs/tiny-ja.yaml",

@@ -1,13 +1,15 @@
 """The serve stage with a real Ollama (built from source here, see Dockerfile.ollama): the offline default
 trained, converted and served answers the training questions as trained and stops by itself, while the
 prompt-engineering baseline does not; Ollama renders prompts exactly as the Hugging Face chat template
-does and reads hostile texts back unchanged; serving twice, restarting and bad inputs behave."""
+does and reads hostile texts back unchanged; serving twice, restarting and bad inputs behave; the exported
+bundle answers the same on a fresh Ollama."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import tarfile
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from test_modelfile import CARRIED
 
 from finetune.core import data, layout
 from finetune.core.config import FewShot, RunConfig, load_config
+from finetune.core.stage import file_sha256
 from finetune.core.families import FAMILIES
 from finetune.evaluation.families import go_unquote, wait_healthy
 from finetune.host import containers
@@ -222,3 +225,48 @@ def test_modelfiles_are_written_with_the_models_list(served):
                                                                  "../convert/base-Q8_0.gguf"]
     assert "FROM ../convert/model-Q8_0.gguf" in (out / "Modelfile").read_text()
     assert Path(out / "../convert/base-Q8_0.gguf").resolve().is_file()
+
+
+def test_the_exported_bundle_runs_on_a_fresh_ollama_and_answers_as_served(served, tmp_path):
+    """`invoke export`: the bundle's archive, unpacked at another path and given to a fresh Ollama (the serve
+    image's Ollama, nothing created, its own empty store) with `ollama create -f Modelfile` run in the bundle's
+    directory, as its README says: the guide's question gets the served model's answer. The archive is the
+    same bytes when exported again."""
+    run, _ = served
+    cfg = config(run, *SERVE)
+    done = invoke("export", *sets(run, *SERVE))
+    assert done.returncode == 0, output(done)
+    export = run_dir(run) / "export"
+    archive = export / f"{cfg.serve.model_name}.tar"
+    digest = (export / f"{archive.name}.sha256").read_text().split()[0]
+    assert invoke("export", *sets(run, *SERVE)).returncode == 0
+    assert (export / f"{archive.name}.sha256").read_text().split()[0] == digest == file_sha256(archive)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "elsewhere")  # our own archive (Debian 12's Python 3.11.2 has no filter=)
+    bundle = tmp_path / "elsewhere" / cfg.serve.model_name
+    evaluated = (run_dir(run) / "eval" / "results.json").is_file()  # test_eval's, where it ran first
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(
+        ["Modelfile", "README.md", "manifest.json", f"{cfg.serve.model_name}-Q8_0.gguf"] + ["eval.json"] * evaluated)
+    recorded = json.loads((bundle / "manifest.json").read_text())
+    assert recorded["files"][f"{cfg.serve.model_name}-Q8_0.gguf"]["sha256"] == \
+        file_sha256(run_dir(run) / "convert" / "model-Q8_0.gguf")
+    for path in [tmp_path, tmp_path / "elsewhere", bundle, *bundle.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    question = [{"role": "user", "content": "商品を返品したいです"}]
+    expected = ask(cfg.serve.model_name, question).message.content
+    container = containers.client().containers.run(
+        "finetune-serve:latest", ["serve"], entrypoint=["ollama"], detach=True,
+        ports={"11434/tcp": ("127.0.0.1", None)}, volumes={str(tmp_path / "elsewhere"): {"bind": "/mnt", "mode": "ro"}})
+    try:
+        wait = "for i in $(seq 60); do ollama list >/dev/null 2>&1 && break; sleep 1; done"
+        created = container.exec_run(["sh", "-c", f"{wait}; ollama create bundled -f Modelfile"],
+                                     workdir=f"/mnt/{cfg.serve.model_name}")
+        assert created.exit_code == 0, created.output.decode(errors="replace")
+        container.reload()
+        port = container.attrs["NetworkSettings"]["Ports"]["11434/tcp"][0]["HostPort"]
+        fresh = ollama.Client(host=f"http://127.0.0.1:{port}").chat(model="bundled", messages=question,
+                                                                    options={"num_predict": 200})
+    finally:
+        container.remove(force=True, v=True)
+    print(fresh.message.content)
+    assert fresh.message.content == expected and "14日以内" in expected

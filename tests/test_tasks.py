@@ -12,7 +12,7 @@ def test_list_shows_every_task_with_its_docstring():
     import tasks
 
     names = sorted(tasks.ns.task_names)
-    assert len(names) == 13 and {"train", "convert", "serve", "eval", "bench", "verify", "families",
+    assert len(names) == 14 and {"train", "convert", "serve", "eval", "bench", "verify", "families", "export",
                                  "images.base"} <= set(names)
     listing = invoke("--list").stdout
     for name in names:
