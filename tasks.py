@@ -100,7 +100,9 @@ def convert(c: Context, config: str | None = None, set_: list[str] | None = None
         merged = sum(p.stat().st_size for p in (train_dir / layout.MERGED).glob("*.safetensors"))
         copies = 1 + cfg.serve.baseline + 0.6 * (len(cfg.convert.quant_types) + cfg.serve.baseline)
         cache.check_space(run_dir, int(merged * copies), "convert")
-        mounts = [containers.Mount(run_dir, layout.CONTAINER_RUN_DIR, read_only=False)]
+        layout.BASE_GGUF_CACHE.mkdir(parents=True, exist_ok=True)
+        mounts = [containers.Mount(run_dir, layout.CONTAINER_RUN_DIR, read_only=False),
+                  containers.Mount(layout.BASE_GGUF_CACHE.resolve(), layout.BASE_GGUF_CACHE_MOUNT, read_only=False)]
         if train_dir.is_dir():  # else the stage reports the missing model (docker would create the dir)
             mounts.append(containers.Mount(train_dir, f"{layout.CONTAINER_RUN_DIR}/train"))
         code = run_stage(image, cfg, mounts, name="convert")

@@ -1,16 +1,19 @@
 """The convert stage in the real converter image: the tiny model trained by `invoke train` becomes an f16
 GGUF and k-quants, each loaded by llama-cpp-python (same llama.cpp source), checked and reported; bad inputs
-fail with a clear message and leave nothing behind."""
+fail with a clear message and leave nothing behind; the baseline's GGUF is made once per base model."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
-from support import invoke, run_dir, sets
+from support import ROOT, invoke, run_dir, sets
+
+from finetune.core import layout
 
 
 def left_behind(run: str) -> list[str]:
@@ -51,6 +54,33 @@ def test_convert_tiny_model_to_f16_and_kquants(trained_run):
     # The train stage's chat format travels on for serve; every GGUF states BOS as training fed it.
     assert json.loads((out / "chat.json").read_text())["family"] == "chatml"
     assert all(row["add_bos"] is True and row["end_of_turn"] == "<|im_end|>" for row in rows.values())
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_baselines_gguf_is_made_once_per_base_model_and_reused(trained_run):
+    """The base model's GGUF depends on the base model, llama.cpp and the types, not on the run: a convert
+    with the cache emptied makes it and stores it (artifacts/.cache/base-gguf/), the next reuses it, byte for
+    byte, and says so; a cached file that no longer matches its recorded sha256 is made again."""
+    cache = ROOT / layout.BASE_GGUF_CACHE
+    shutil.rmtree(cache, ignore_errors=True)
+    base = run_dir(trained_run) / "convert" / "base-Q8_0.gguf"
+    made = invoke("convert", "--force", *sets(trained_run))
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    assert "-> base-Q8_0.gguf (the baseline)" in made.stdout and "reused" not in made.stdout
+    first = hashlib.sha256(base.read_bytes()).hexdigest()
+    (entry,) = cache.glob("*.gguf")
+    assert (cache / f"{entry.stem}.sha256").read_text().strip() == first
+    reused = invoke("convert", "--force", *sets(trained_run))
+    assert reused.returncode == 0, reused.stdout[-3000:] + reused.stderr[-3000:]
+    assert f"base-Q8_0.gguf (the baseline) reused from the base GGUF cache (key {entry.stem[:12]}" in reused.stdout
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == first
+    with entry.open("r+b") as f:  # a damaged cache entry is never served
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x00")
+    again = invoke("convert", "--force", *sets(trained_run))
+    assert again.returncode == 0 and "reused" not in again.stdout and "-> base-Q8_0.gguf" in again.stdout
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == first == hashlib.sha256(entry.read_bytes()).hexdigest()
 
 
 @pytest.mark.docker

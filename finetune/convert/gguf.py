@@ -26,9 +26,11 @@ when all is done; on failure nothing is left behind.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -348,16 +350,43 @@ def convert(config: RunConfig, out: Path) -> Path:
     return final
 
 
-def base_gguf(base: Path, work: Path, config: RunConfig, description: str, fmt: dict) -> Path:
-    """The base model as a GGUF of the served quant type: what the prompt-engineering baseline serves."""
+def base_gguf(base: Path, work: Path, config: RunConfig, description: str, fmt: dict,
+              cache: Path = Path(layout.BASE_GGUF_CACHE_MOUNT)) -> Path:
+    """The base model as a GGUF of the served quant type: what the prompt-engineering baseline serves.
+
+    It depends only on the base model (train/base/: weights, tokenizer, the chat template trained with),
+    the pinned llama.cpp, the types and the description, not on the run: so it is made once per such key
+    into `cache` (the host's artifacts/.cache/base-gguf/, which `invoke convert` mounts) and copied from
+    there by every later run, after its sha256 is checked against the one recorded when it was made."""
     c, quant = config.convert, config.serve.quant
     full, target = work / layout.base_gguf(c.outtype), work / layout.base_gguf(quant)
+    key = base_gguf_key(base, c.outtype, quant, description, bool(fmt.get("bos_text")))
+    cached, record = cache / f"{key}.gguf", cache / f"{key}.sha256"
+    if cached.is_file() and record.is_file() and file_sha256(cached) == record.read_text().strip():
+        shutil.copyfile(cached, target)
+        print(f"convert: {target.name} (the baseline) reused from the base GGUF cache (key {key[:12]}: the same "
+              "base model, llama.cpp, types and description)", flush=True)
+        return target
     print(f"convert: {base} -> {target.name} (the baseline)", flush=True)
     to_gguf(base, full, c.outtype, f"base model of {description}", fmt)
     if quant != c.outtype:
         quantize(full, target, quant, None)
         full.unlink()
+    if cache.is_dir():
+        partial = cache / f".{key}.{os.getpid()}.partial"
+        shutil.copyfile(target, partial)
+        partial.rename(cached)
+        record.write_text(file_sha256(cached) + "\n")
     return target
+
+
+def base_gguf_key(base: Path, outtype: str, quant: str, description: str, bos_text: bool) -> str:
+    """What the baseline's GGUF depends on, hashed: every file of the base model, the llama.cpp commit, the
+    types, the GGUF's description and whether its add_bos_token is rewritten."""
+    files = {p.relative_to(base).as_posix(): file_sha256(p) for p in sorted(base.rglob("*")) if p.is_file()}
+    what = {"files": files, "llama_cpp": LLAMA_CPP_COMMIT, "outtype": outtype, "quant": quant,
+            "description": description, "bos_text": bos_text}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 def print_table(rows: list[dict]) -> None:

@@ -23,6 +23,8 @@ CONTAINER_WORK = Path("/work")
 CONTAINER_RUN_DIR = "/artifacts"
 HF_CACHE_VOLUME, HF_CACHE_MOUNT = "finetune-hf-cache", "/cache/hf"  # the train image's hub and tiny-model cache
 MODELS_VOLUME, MODELS_MOUNT = "finetune-ollama-models", "/models"  # Ollama's model store, shared by runs
+# The baseline's GGUFs by content, shared by runs: the base model converts once (finetune/convert/gguf.py).
+BASE_GGUF_CACHE, BASE_GGUF_CACHE_MOUNT = ARTIFACTS / ".cache" / "base-gguf", "/cache/base-gguf"
 
 # A base model built offline in the train image instead of downloaded.
 BUILTIN_PREFIX = "builtin:"
