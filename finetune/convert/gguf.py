@@ -207,6 +207,7 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
     reader = gguf.GGUFReader(path)
     field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
     arch, template = field("general.architecture"), field("tokenizer.chat_template")
+    bos_text = bool(fmt.get("bos_text"))  # the served prompt carries the BOS text (Gemma 4's renderer writes it)
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     problems = []
     if arch != expected_arch:
@@ -216,10 +217,10 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
     if (add_bos_key := field("tokenizer.ggml.add_bos_token")) is None:
         problems.append("tokenizer.ggml.add_bos_token is missing: llama.cpp would then decide by vocabulary type and "
                         f"Ollama's Go engine would add BOS; training fed {'one' if fmt['bos'] else 'none'}")
-    elif tuned and bool(add_bos_key) != (fmt["bos"] and not fmt.get("bos_text")):
+    elif tuned and bool(add_bos_key) != (fmt["bos"] and not bos_text):
         problems.append(f"tokenizer.ggml.add_bos_token is {add_bos_key}, but training fed "
                         f"{'a' if fmt['bos'] else 'no'} BOS" + (", which the served prompt carries as text"
-                                                                 if fmt.get("bos_text") else ""))
+                                                                 if bos_text else ""))
 
     started = time.monotonic()
     llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
@@ -229,8 +230,8 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
         problems.append(f"{end} (id {fmt['end_of_turn_id']}) is not an end-of-generation token of the GGUF: "
                         "generation would not stop at the end of a turn")
     text = render(tokenizer := _tokenizer(hf_dir), fmt["jinja"], prompt_messages, True, fmt["template_vars"])
-    prompt = llm.tokenize(served_prompt(text, tokenizer.bos_token, fmt.get("bos_text", False)).encode(),
-                          add_bos=not fmt.get("bos_text"), special=True)
+    prompt = llm.tokenize(served_prompt(text, tokenizer.bos_token, bos_text).encode(), add_bos=not bos_text,
+                          special=True)
     if (difference := token_difference(prompt, encode(tokenizer, text)[0], tokenizer, llm)) is not None:
         problems.append(f"llama.cpp tokenizes the chat prompt differently from the trained tokenizer ({difference}): "
                         "Ollama would feed the model input it was not trained on; check that the chat markers "

@@ -35,6 +35,13 @@ from finetune.core.templates import render_chatml
 Messages = Sequence[dict]
 
 
+def _leading_system(messages: Messages) -> tuple[str | None, Messages]:
+    """(the first message's content if it is a system turn, else None; the messages after it)."""
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return None, messages
+
+
 @dataclass(frozen=True)
 class Family:
     """A chat format that this project trains and serves identically (see the module docstring)."""
@@ -105,9 +112,8 @@ LLAMA3_HEAD = "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge D
 
 
 def _render_llama3(messages: Messages, add_generation_prompt: bool, think: bool | None = None) -> str:
-    has_system = bool(messages) and messages[0]["role"] == "system"
-    system, rest = (messages[0]["content"], messages[1:]) if has_system else ("", messages)
-    text = f"{LLAMA3_HEAD}{LLAMA3_DATE}\n\n{system}<|eot_id|>"
+    system, rest = _leading_system(messages)
+    text = f"{LLAMA3_HEAD}{LLAMA3_DATE}\n\n{system or ''}<|eot_id|>"
     text += "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in rest)
     return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
 
@@ -144,9 +150,9 @@ def _render_gemma4(messages: Messages, add_generation_prompt: bool, think: bool 
     turn of its own; the assistant's role is "model"; every content is trimmed (the answers' thinking
     channel stripped); the generation prompt opens an empty thought channel, which a finished answer in the
     history no longer shows (so training puts each answer after the generation prompt: train/chat.py)."""
-    has_system = bool(messages) and messages[0]["role"] == "system"
-    text = f"<|turn>system\n{messages[0]['content'].strip()}<turn|>\n" if has_system else ""
-    for m in messages[1:] if has_system else messages:
+    system, rest = _leading_system(messages)
+    text = f"<|turn>system\n{system.strip()}<turn|>\n" if system is not None else ""
+    for m in rest:
         role = "model" if m["role"] == "assistant" else m["role"]
         text += f"<|turn>{role}\n{m['content'].strip()}<turn|>\n"
     return text + (f"<|turn>model\n{GEMMA4_EMPTY_THOUGHT}" if add_generation_prompt else "")
@@ -157,22 +163,27 @@ def _render_mistral_nemo(messages: Messages, add_generation_prompt: bool, think:
     the system prompt joins the last user turn, and only when the conversation ends with it (a finished
     answer in the history no longer shows it, so each answer trains after its own prompt: train/chat.py); no
     generation prompt."""
-    has_system = bool(messages) and messages[0]["role"] == "system"
-    rest = messages[1:] if has_system else messages
+    system, rest = _leading_system(messages)
     text = ""
     for i, m in enumerate(rest):
         if m["role"] == "user":
-            system = f"{messages[0]['content']}\n\n" if has_system and i == len(rest) - 1 else ""
-            text += f"[INST]{system}{m['content']}[/INST]"
+            joined = f"{system}\n\n" if system is not None and i == len(rest) - 1 else ""
+            text += f"[INST]{joined}{m['content']}[/INST]"
         elif m["role"] == "assistant":
             text += m["content"] + "</s>"
     return text
 
 
-MISTRAL_NEMO_GO = (
+# Go: $system, the last system message's content, and $hasSystem, whether there is one (Ollama passes the
+# system prompt among .Messages).
+LAST_SYSTEM_GO = (
     '{{- $system := "" }}{{- $hasSystem := false }}'
     '{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ $hasSystem = true }}{{ end }}{{ end }}'
-    '{{- range $i, $m := .Messages }}'
+)
+
+MISTRAL_NEMO_GO = (
+    LAST_SYSTEM_GO
+    + '{{- range $i, $m := .Messages }}'
     '{{- if eq $m.Role "user" }}[INST]{{ if and $hasSystem (eq (len (slice $.Messages $i)) 1) }}{{ $system }}\n\n'
     '{{ end }}{{ $m.Content }}[/INST]'
     '{{- else if eq $m.Role "assistant" }}{{ $m.Content }}</s>{{ end }}{{ end }}'
@@ -198,8 +209,8 @@ def _render_deepseek_r1(messages: Messages, add_generation_prompt: bool, think: 
 
 
 DEEPSEEK_R1_GO = (
-    '{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
-    "{{- $system }}"
+    LAST_SYSTEM_GO
+    + "{{- $system }}"
     '{{- range .Messages }}{{ if eq .Role "user" }}<｜User｜>{{ .Content }}'
     '{{ else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}' + DEEPSEEK_EOS + "{{ end }}{{ end }}"
     "<｜Assistant｜><think>\n</think>"

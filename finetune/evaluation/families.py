@@ -39,7 +39,7 @@ from finetune.core import families, layout
 from finetune.core.config import FewShot, load_config
 from finetune.core.families import CASES, FAMILIES, PROMPT_CASES, Case, PromptCase
 from finetune.host import containers
-from finetune.serve import modelfile
+from finetune.serve import modelfile, server
 
 ROOT = Path("artifacts") / "families"
 MODELS_DIR = "/opt/llama.cpp/models"  # in the convert image
@@ -210,8 +210,7 @@ def compare_prompts(cases: list[PromptCase], train_image: str, serve_image: str,
                 row.problems.append(f"{case.template} renders like {want['family']}, not {case.family}: "
                                     f"{want.get('error', '')}")
             for messages, go in zip(conversations, want["go"]):
-                body = {"model": case.name, "messages": messages, "stream": False, "_debug_render_only": True}
-                rendered = post(port, body)["_debug_info"]["rendered_template"]
+                rendered = server.render_only(f"http://127.0.0.1:{port}", case.name, messages)
                 row.prompts[1] += 1
                 if rendered == go:
                     row.prompts[0] += 1
@@ -221,18 +220,14 @@ def compare_prompts(cases: list[PromptCase], train_image: str, serve_image: str,
         container.remove(force=True)
 
 
-def post(port: str, body: dict) -> dict:
-    http = urllib.request.Request(f"http://127.0.0.1:{port}/api/chat", data=json.dumps(body).encode())
-    with urllib.request.urlopen(http, timeout=300) as response:
-        return json.loads(response.read())
-
-
 def ask(port: str, request: dict) -> dict:
     body = {"model": request["model"], "messages": request["messages"], "stream": False,
             "options": {"num_predict": 1, "temperature": 0}}
     if request["think"] is not None:
         body["think"] = request["think"]
-    return post(port, body)
+    http = urllib.request.Request(f"http://127.0.0.1:{port}/api/chat", data=json.dumps(body).encode())
+    with urllib.request.urlopen(http, timeout=300) as response:
+        return json.loads(response.read())
 
 
 def wait_healthy(container, within_s: float = 300) -> None:
@@ -366,8 +361,8 @@ def table(rows: list[Row]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.prompt_only:
-            lines.append(f"| {r.case} | {r.family} | {r.vocab} | {r.runner} | n/a | n/a | {r.prompts[0]}/{r.prompts[1]} "
-                         "| n/a |")
+            lines.append(f"| {r.case} | {r.family} | {r.vocab} | {r.runner} | n/a | n/a | "
+                         f"{r.prompts[0]}/{r.prompts[1]} | n/a |")
             continue
         lines.append(f"| {r.case} | {r.family} | {r.vocab} ({r.test_cases}/{r.test_cases}) | {r.runner} | "
                      f"{'ok' if r.trained == 'ok' else 'DIFFERS'} | {r.convert} | {r.prompts[0]}/{r.prompts[1]} | "

@@ -117,11 +117,7 @@ def check_prompts(config: RunConfig, run_dir: Path) -> int:
     compared. This is what holds a Go template of the user's own (model.go_template) to the trained one."""
     probes = trained_format(run_dir).get("probes", [])
     for probe in probes:
-        body = {"model": config.serve.model_name, "messages": probe["messages"], "stream": False,
-                "_debug_render_only": True}
-        request = urllib.request.Request(f"{url(config)}/api/chat", data=json.dumps(body).encode())
-        with urllib.request.urlopen(request, timeout=120) as response:
-            rendered = json.loads(response.read())["_debug_info"]["rendered_template"]
+        rendered = render_only(url(config), config.serve.model_name, probe["messages"])
         if rendered != probe["go"]:
             at = next((i for i, (a, b) in enumerate(zip(rendered, probe["go"])) if a != b),
                       min(len(rendered), len(probe["go"])))
@@ -130,6 +126,15 @@ def check_prompts(config: RunConfig, run_dir: Path) -> int:
                              f"{probe['go'][at:at + 40]!r}. The Modelfile's TEMPLATE (model.go_template, or the "
                              "family's in finetune/core/families.py) must render what the Jinja template renders")
     return len(probes)
+
+
+def render_only(base_url: str, model: str, messages: list[dict]) -> str:
+    """The prompt Ollama renders for `messages` with the model's TEMPLATE (or renderer), generating nothing
+    (`_debug_render_only`)."""
+    body = {"model": model, "messages": messages, "stream": False, "_debug_render_only": True}
+    request = urllib.request.Request(f"{base_url}/api/chat", data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())["_debug_info"]["rendered_template"]
 
 
 def volumes(run_dir: Path, store: str = layout.MODELS_VOLUME) -> dict:

@@ -178,7 +178,8 @@ def training_texts(fmt: ChatFormat, tokenizer, messages) -> list[tuple[str, list
         return [(full, [_answer_span(fmt, full, head, i, messages[i]) for i, head in heads.items()])]
     texts = []
     for i, head in heads.items():
-        answered = render(tokenizer, fmt.jinja, messages[:i + 1], False, fmt.template_vars)
+        answered = full if i == len(messages) - 1 else render(tokenizer, fmt.jinja, messages[:i + 1], False,
+                                                              fmt.template_vars)
         at = answered.rfind(messages[i]["content"].strip())
         if at < 0:
             raise TemplateError(f"the {fmt.family} template does not render answer {i} as it was given (it "
