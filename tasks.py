@@ -35,7 +35,7 @@ from invoke import Collection, Context, Exit, task
 
 from finetune import bench as bench_
 from finetune.core import data as data_stage
-from finetune.core import layout
+from finetune.core import layout, machine
 from finetune.core.config import ConfigError, RunConfig, load_config, to_yaml
 from finetune.core.families import CASES, PROMPT_CASES
 from finetune.evaluation import evaluate
@@ -61,21 +61,42 @@ def data(c: Context, config: str | None = None, set_: list[str] | None = None, t
 FORCE_HELP = "redo the stage even if it is up to date"
 
 
-@task(iterable=["set_"], help={"config": CONFIG_HELP, "set_": SET_HELP, "force": FORCE_HELP})
-def train(c: Context, config: str | None = None, set_: list[str] | None = None, force: bool = False) -> None:
-    """Fine-tune the config's base model (LoRA/QLoRA) in the train image; writes artifacts/<run>/train/."""
+@task(iterable=["set_"], help={
+    "config": CONFIG_HELP, "set_": SET_HELP, "force": FORCE_HELP,
+    "node_rank": "this machine's rank when train.distributed.nodes > 1 (0: the machine that keeps the model)",
+    "rendezvous": "HOST:PORT on node 0 that every node reaches, when train.distributed.nodes > 1",
+    "network": "Docker network of the train container (default with several nodes: host)"})
+def train(c: Context, config: str | None = None, set_: list[str] | None = None, force: bool = False,
+          node_rank: int = 0, rendezvous: str | None = None, network: str | None = None) -> None:
+    """Fine-tune the config's base model (LoRA/QLoRA) in the train image; writes artifacts/<run>/train/.
+    With train.distributed: several processes (every GPU by default), on one machine or several."""
     cfg = load(c, config, set_)
+    gpus = containers.has_gpu()
+    if cfg.train.distributed.processes == "auto":  # resolved here, so that the stage's key has the number
+        processes = max(machine.cuda_devices(), 1) if gpus else 1
+        cfg = load(c, config, [*(set_ or []), f"train.distributed.processes={processes}"])
+    nodes = cfg.train.distributed.nodes
+    if nodes > 1 and not rendezvous:
+        raise Exit(f"train: train.distributed.nodes={nodes} needs --rendezvous HOST:PORT, node 0's address and a "
+                   "free port that every node reaches (the same on every node), and --node-rank on each", code=2)
+    if not 0 <= node_rank < nodes:
+        raise Exit(f"train: --node-rank {node_rank} is outside 0..{nodes - 1} (train.distributed.nodes={nodes})", code=2)
     image = stage_image(c, "train")
 
     def work(run_dir: Path) -> None:
-        gpus = containers.has_gpu()
-        print(f"train: {cfg.run}: running {image} on {'GPU (--gpus all)' if gpus else 'CPU (no NVIDIA runtime found)'}")
+        where = f"{cfg.train.distributed.processes} process(es) per node x {nodes} nodes, node {node_rank}"
+        print(f"train: {cfg.run}: running {image} on {'GPU (--gpus all)' if gpus else 'CPU (no NVIDIA runtime found)'}"
+              + (f"; {where}" if nodes > 1 else ""))
         env = {"HF_HUB_OFFLINE": "1"} if layout.is_builtin(cfg.model.id) else {}
         if os.environ.get("HF_TOKEN"):
             env["HF_TOKEN"] = os.environ["HF_TOKEN"]  # at run time only: never in a layer, a log or an artifact
+        if nodes > 1:
+            env |= {layout.NODE_RANK_ENV: str(node_rank), layout.RENDEZVOUS_ENV: rendezvous}
+            env |= {k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ}
+        name = "train" if node_rank == 0 else f"train-node{node_rank}"
         code = run_stage(image, cfg, [containers.Mount(run_dir, layout.CONTAINER_RUN_DIR, read_only=False)],
-                         name="train", env=env, gpus=gpus,
-                         named_volumes={layout.HF_CACHE_VOLUME: layout.HF_CACHE_MOUNT})
+                         name=name, env=env, gpus=gpus, named_volumes={layout.HF_CACHE_VOLUME: layout.HF_CACHE_MOUNT},
+                         network=network or ("host" if nodes > 1 else None))
         if code == 2:  # the stage's own error (stage_main), printed above with what to do
             raise Exit("train: the train stage stopped with the error above; fix that and rerun `invoke train` "
                        "(a checkpoint, if any, is kept)", code=code)
@@ -83,6 +104,10 @@ def train(c: Context, config: str | None = None, set_: list[str] | None = None, 
             raise Exit(f"train: the train container exited with {code}; rerun `invoke train` to resume from the "
                        "last checkpoint", code=code)
 
+    if node_rank > 0:  # rank 0's machine keeps the model; this one records nothing a later stage could read
+        work(layout.run_dir(cfg.run))
+        print(f"train: node {node_rank} done; node 0 holds the trained model")
+        return
     cached_stage(c, cfg, "train", image, work, force)
 
 
@@ -285,8 +310,11 @@ def run_stage(image: str, cfg: RunConfig, mounts: list[containers.Mount], name: 
         resolved.flush()
         os.chmod(resolved.name, 0o644)  # readable by the container's non-root user
         mounts = [containers.Mount(Path(resolved.name), layout.CONTAINER_CONFIG), *containers.data_mounts(cfg), *mounts]
-        return containers.run(image, ["--config", layout.CONTAINER_CONFIG, "--out", layout.CONTAINER_RUN_DIR], mounts,
-                              name=layout.container_name(name, cfg.run), **kwargs)
+        try:
+            return containers.run(image, ["--config", layout.CONTAINER_CONFIG, "--out", layout.CONTAINER_RUN_DIR], mounts,
+                                  name=layout.container_name(name, cfg.run), **kwargs)
+        except containers.ContainerError as e:
+            raise Exit(f"{name}: {e}", code=1) from e
 
 
 def load(c: Context, config: str | None, overrides: list[str] | None) -> RunConfig:

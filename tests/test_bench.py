@@ -81,7 +81,10 @@ def test_bench_measures_every_stage_beside_its_baseline(tmp_path):
         assert ("train", f"training tokens/s, {variant}") in rows, rows.keys()
     for cost in ("byte-reproducible training (train.deterministic)", "the numerical pin (train.pin_cpu)"):
         assert rows[("train", f"training tokens/s with {cost}, packing on")]["baseline_name"].startswith("the same stage")
-    assert {"train", "eval before", "save and merge"} <= set(results["profiles"]["train, packing off"])
+    assert {"train", "eval after", "save and merge"} <= set(results["profiles"]["train, packing off"])
+    for figure in ("training tokens/s, 2 processes (DDP)", "peak memory per process, 2 processes (DDP)"):
+        assert rows[("train", figure)]["baseline_name"].startswith("1 process"), figure
+    assert 0 < results["details"]["ddp scaling efficiency"]["efficiency"] < 2
     assert {"convert_hf_to_gguf", "llama-quantize", "checks"} <= set(results["profiles"]["convert"])
     serve = results["details"]["serve"]
     assert serve["generated_tokens"] > 0 and len(serve["llama_bench"]["tg"]) >= 3

@@ -1,6 +1,7 @@
 """The train rows: `invoke train` against a plain TRL SFTTrainer script (plain_sft.py) in the same image, with
 the stage's own hyperparameters; packing off and on, train.deterministic and train.pin_cpu off (what they
-cost); on a GPU also QLoRA against LoRA and model FLOPs utilization."""
+cost); 2 processes (DDP) against 1 and the scaling efficiency; on a GPU also QLoRA against LoRA and model
+FLOPs utilization."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from finetune.bench.common import BenchError, Row, Session, tokens_per_second
+from finetune.bench.common import BenchError, Row, Session, summarize, tokens_per_second
 from finetune.core import data as datasets_
 from finetune.core import layout
 from finetune.core.config import to_yaml
@@ -37,6 +38,7 @@ def run(b: Session) -> None:
         setting(b, chats, True, "train.deterministic=false")
     if t.deterministic and t.pin_cpu:
         setting(b, chats, True, "train.pin_cpu=false")
+    processes(b)
     for packed in (not t.packing, t.packing):  # the config's own setting last: the run stays as configured
         setting(b, chats, packed)
     for variant, what in (("train.deterministic=false", "byte-reproducible training (train.deterministic)"),
@@ -114,6 +116,38 @@ def plain_train(b: Session, chats: Path, summary: dict, extra: tuple[str, ...]) 
                        entrypoint=["python"], env=env, gpus=summary["device"] == "cuda",
                        named_volumes={layout.HF_CACHE_VOLUME: layout.HF_CACHE_MOUNT})
     return json.loads((work / "result.json").read_text()), wall
+
+
+def processes(b: Session) -> None:
+    """Tokens/s and peak memory of 2 DDP processes against 1, and the scaling efficiency: 2 processes' tokens/s
+    over twice that of 1 process with the same share of the machine (one GPU each; on CPU, half of
+    train.cpu_threads each, so that the two runs use the same cores)."""
+    gpus = containers.has_gpu()
+    threads = b.config.train.cpu_threads
+    half = ("train.distributed.processes=1",) + (() if gpus else (f"train.cpu_threads={max(threads // 2, 1)}",))
+    runs = {"1": ("train.distributed.processes=1",), "1, half": half, "2": ("train.distributed.processes=2",)}
+    if gpus:
+        runs.pop("1, half")  # one process on one GPU is already the share of one
+    samples: dict[str, dict[str, list]] = {k: {"tps": [], "memory": []} for k in runs}
+    for i in range(b.repeats):
+        for key, extra in runs.items():
+            _, summary = train_stage(b, extra)
+            samples[key]["tps"].append(tokens_per_second(summary))
+            samples[key]["memory"].append(summary["peak_memory_mb"])
+        print(f"bench: train processes {i + 1}/{b.repeats}: "
+              + ", ".join(f"{k}: {v['tps'][-1]:.0f} tok/s" for k, v in samples.items()), flush=True)
+    one = f"1 process ({'one GPU' if gpus else f'{threads} threads'}, same run)"
+    b.add(Row("train", "training tokens/s, 2 processes (DDP)", "tok/s", samples["2"]["tps"], one,
+              samples["1"]["tps"], True))
+    b.add(Row("train", "peak memory per process, 2 processes (DDP)", "MiB", samples["2"]["memory"], one,
+              samples["1"]["memory"]))
+    share = samples["1" if gpus else "1, half"]["tps"]
+    b.details["ddp scaling efficiency"] = {
+        "efficiency": statistics.median(samples["2"]["tps"]) / (2 * statistics.median(share)),
+        "tokens_per_s": {k: summarize(v["tps"]) for k, v in samples.items()},
+        "what": "tokens/s of 2 processes / (2 x tokens/s of 1 process with one process's share: "
+                + ("one GPU)" if gpus else f"{max(threads // 2, 1)} of {threads} threads)"),
+    }
 
 
 def methods(b: Session, chats: Path) -> None:

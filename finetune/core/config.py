@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from finetune.core import families, layout, modelfile_text
 
@@ -81,6 +81,26 @@ class DataSection(_Section):
     limit: int | None = Field(None, gt=0, description="train on the first N examples of the training file only")
 
 
+class DistributedSection(_Section):
+    """How many processes train, on how many machines, and how they share the model (finetune/train/launch.py).
+    The node's rank and the rendezvous address are not here: they differ per machine and change nothing in
+    the result, so they are `invoke train` flags (--node-rank, --rendezvous)."""
+
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto", description="auto = ddp when more than one process trains (each holds the whole model, every "
+                            "batch is split among them); sharded strategies (FSDP2, DeepSpeed ZeRO) are not built yet")
+    processes: int | Literal["auto"] = Field(
+        "auto", description="training processes per node: auto = one per GPU the train container sees (1 on CPU)")
+    nodes: int = Field(1, gt=0, le=1024, description="machines that train together (c10d rendezvous)")
+
+    @field_validator("processes")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and not 0 < value <= 64:
+            raise ValueError("must be auto or a whole number from 1 to 64")
+        return value
+
+
 class TrainSection(_Section):
     method: Literal["lora", "qlora"] = Field("lora", description="qlora = 4-bit NF4 base, needs CUDA")
     cpu_fallback: bool = Field(False, description="train qlora configs as lora when no CUDA device is present")
@@ -121,6 +141,8 @@ class TrainSection(_Section):
     logging_steps: int = Field(10, gt=0, description="steps between metrics lines")
     save_steps: int = Field(100, gt=0, description="steps between resumable checkpoints")
     eval_steps: int | None = Field(None, gt=0, description="steps between eval-loss runs (default: at the end)")
+    distributed: DistributedSection = Field(default_factory=DistributedSection,
+                                            description="processes, machines and the sharing strategy")
 
 
 class ConvertSection(_Section):

@@ -64,6 +64,11 @@ def image_tag(stage: str) -> str:
     return f"finetune-{stage}:latest"
 
 
+# A training node's rank and node 0's rendezvous HOST:PORT, from `invoke train` to the train container
+NODE_RANK_ENV = "FINETUNE_NODE_RANK"
+RENDEZVOUS_ENV = "FINETUNE_RENDEZVOUS"
+
+
 def container_name(stage: str, run: str) -> str:
     """The container of a stage of a run (the serve container, finetune-serve-<run>, outlives `invoke`)."""
     return f"finetune-{stage}-{run}"

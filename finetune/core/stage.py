@@ -8,7 +8,7 @@ and the stage sees the config only through it (`Stage.view`): reading a key it d
 once, naming the key and where to declare it, so a key cannot silently miss the cache key.
 
 A stage image runs `python -m finetune.<stage> --config run.yaml --out DIR` (`stage_main`): the stage is a
-function `(config view, out) -> final directory`; its expected failures are exceptions whose message says
+function `(config view, out) -> final directory` (None in a training process that publishes nothing); its expected failures are exceptions whose message says
 what to do. They, and config errors, print as `<stage>: <message>` and exit 2. A stage works in a hidden
 directory (`publishing`) that becomes its output only when complete.
 """
@@ -114,7 +114,7 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
             for k, v in flatten(value, f"{prefix}.{key}" if prefix else key).items()}
 
 
-def stage_main(stage: Stage, description: str, run: Callable[[Any, Path], Path],
+def stage_main(stage: Stage, description: str, run: Callable[[Any, Path], Path | None],
                errors: tuple[type[Exception], ...], argv: list[str] | None = None) -> int:
     """The stage's command line: load the resolved config, run the stage on its declared view of it."""
     parser = argparse.ArgumentParser(prog=f"python -m finetune.{stage.name}", description=description)
@@ -126,7 +126,8 @@ def stage_main(stage: Stage, description: str, run: Callable[[Any, Path], Path],
     except (ConfigError, *errors) as e:
         print(f"{stage.name}: {e}", file=sys.stderr)
         return 2
-    print(f"{stage.name}: done -> {final}", flush=True)
+    if final is not None:  # None: a training process other than rank 0, which publishes nothing
+        print(f"{stage.name}: done -> {final}", flush=True)
     return 0
 
 

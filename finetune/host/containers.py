@@ -171,13 +171,15 @@ def has_gpu() -> bool:
 
 def run(image: str, command: Sequence[str], mounts: Sequence[Mount] = (), env: Mapping[str, str] | None = None,
         user: str | None = None, gpus: bool = False, workdir: str | None = None, name: str | None = None,
-        named_volumes: Mapping[str, str] | None = None, entrypoint: Sequence[str] | None = None) -> int:
+        named_volumes: Mapping[str, str] | None = None, entrypoint: Sequence[str] | None = None,
+        network: str | None = None) -> int:
     """Run a stage container to completion, streaming its output; return its exit code.
 
     Writable mounts are created on the host first and, when `invoke` runs as root, handed to the
     container's user so that it can write there. `named_volumes` maps docker volume names to container
     paths (caches that outlive runs). A `name` makes a second run of the same stage fail instead of
-    racing the first. `entrypoint` replaces the image's. The container is removed afterwards, also on Ctrl-C.
+    racing the first. `entrypoint` replaces the image's. `network` (a Docker network, or "host") is for a
+    training node that other machines reach. The container is removed afterwards, also on Ctrl-C.
     """
     user = user or container_user()
     uid, gid = (int(x) for x in user.split(":"))
@@ -193,7 +195,7 @@ def run(image: str, command: Sequence[str], mounts: Sequence[Mount] = (), env: M
         container = client().containers.run(
             image, list(command), user=user, volumes=volumes, environment=dict(env or {}), device_requests=requests,
             working_dir=workdir, name=name, detach=True, entrypoint=list(entrypoint) if entrypoint else None,
-            security_opt=["no-new-privileges"], cap_drop=["ALL"],
+            security_opt=["no-new-privileges"], cap_drop=["ALL"], network=network,
         )
     except docker.errors.APIError as e:
         if e.status_code == 409:

@@ -49,7 +49,8 @@ LOCKED_PACKAGES = {
 
 def stage_record(stage: str, image_attrs: dict, started: float, ended: float, run_dir: Path) -> dict:
     """What the stamp and the manifest say about one stage run besides its inputs; for train also the
-    numerical pin it ran under (CPU kernels, MKL path, threads: finetune/train/numerics.py, from summary.json)."""
+    numerical pin it ran under (CPU kernels, MKL path, threads: finetune/train/numerics.py) and its processes
+    (strategy, nodes, world size, effective batch: finetune/train/launch.py), from summary.json."""
     record = {
         "image": {"id": image_attrs["Id"], "tags": image_attrs.get("RepoTags") or [],
                   "repo_digests": image_attrs.get("RepoDigests") or []},
@@ -58,7 +59,8 @@ def stage_record(stage: str, image_attrs: dict, started: float, ended: float, ru
         "host": host(),
     }
     if stage == "train" and (summary := layout.stage_dir(run_dir, "train") / layout.SUMMARY).is_file():
-        record["numerics"] = json.loads(summary.read_text(encoding="utf-8")).get("numerics")
+        summary = json.loads(summary.read_text(encoding="utf-8"))
+        record |= {"numerics": summary.get("numerics"), "distributed": summary.get("distributed")}
     return record
 
 

@@ -21,6 +21,8 @@ class MetricsCallback(TrainerCallback):
         self.progress = TokenProgress()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:  # one writer when several processes train
+            return
         line = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "train_loss"):
             if logs and key in logs:
@@ -50,11 +52,15 @@ class TokenProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
 
+        if not state.is_world_process_zero:
+            return
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                         mininterval=1.0, dynamic_ncols=True)
         self._mark = (time.monotonic(), state.num_input_tokens_seen or 0)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is None:
+            return
         now, tokens = time.monotonic(), state.num_input_tokens_seen or 0
         then, before = self._mark
         if now - then >= 1.0:

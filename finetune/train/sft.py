@@ -34,7 +34,7 @@ from finetune.core import families, layout
 from finetune.core.config import RunConfig
 from finetune.core.stage import Stopwatch, publish, stage_main
 from finetune.core.templates import encode, render, save_tokenizer
-from finetune.train import STAGE, chat, numerics
+from finetune.train import STAGE, chat, launch, numerics
 
 
 class TrainError(RuntimeError):
@@ -103,7 +103,7 @@ def pinned(config: RunConfig) -> dict:
     return {"revision": config.model.revision} if config.model.revision else {}
 
 
-def load_model(source: str, config: RunConfig, method: str, dtype_name: str):
+def load_model(source: str, config: RunConfig, method: str, dtype_name: str, local_rank: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -112,7 +112,7 @@ def load_model(source: str, config: RunConfig, method: str, dtype_name: str):
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": local_rank}  # each process its own GPU
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
 
 
@@ -148,12 +148,16 @@ def lora_kwargs(config: RunConfig) -> dict:
                 modules_to_save=list(t.modules_to_save) or None, task_type="CAUSAL_LM")
 
 
-def train(config: RunConfig, out: Path) -> Path:
-    """Fine-tune per `config` into out/train/ (see the module docstring); return that directory."""
+def train(config: RunConfig, out: Path) -> Path | None:
+    """Fine-tune per `config` into out/train/ (see the module docstring); return that directory. With more
+    than one process (train.distributed) this runs in every worker; only rank 0 writes train/ (launch.py)."""
     clock = Stopwatch()
-    # Before torch loads: the kernels, BLAS path and threads that decide the bytes (finetune/train/numerics.py).
     t = config.train
-    pinned = numerics.pin(t.cpu_threads) if t.deterministic and t.pin_cpu else None
+    world = launch.world(t.distributed)
+    # Before torch loads: the kernels, BLAS path and threads that decide the bytes (finetune/train/numerics.py);
+    # the processes of one machine share its cpu_threads.
+    threads = max(1, t.cpu_threads // world.processes)
+    pinned = numerics.pin(threads) if t.deterministic and t.pin_cpu else None
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -166,32 +170,40 @@ def train(config: RunConfig, out: Path) -> Path:
     clock.lap("imports")
     device, method = pick_device(config)
     dtype_name = precision(config, device)
+    group = launch.Group(world, device)
     work, final = layout.partial_dir(out, "train"), layout.stage_dir(out, "train")
-    if work.exists() and (changed := changed_since(work, STAGE.read(config))):
-        print(f"train: {changed} changed since the interrupted run; starting over", flush=True)
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    STAGE.write_inputs(config, work)
+    shared = group.shares_storage(out)
+
+    def prepare() -> str:  # the work directory and the base model, once per machine's storage
+        if work.exists() and (changed := changed_since(work, STAGE.read(config))):
+            print(f"train: {changed} changed since the interrupted run; starting over", flush=True)
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        STAGE.write_inputs(config, work)
+        return base_model_dir(config, work)
+
     numeric = numerics.record(pinned)
-    print(f"train: {method} on {device.upper()} "
-          f"({torch.cuda.get_device_name(0) if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{dtype_name}; CPU kernels {numeric['cpu_capability']}"
-          f"{' (pinned: train.deterministic)' if pinned else ''}", flush=True)
-    if pinned and not numeric["portable"]:
+    if group.is_main:
+        print(f"train: {method} on {device.upper()} "
+              f"({torch.cuda.get_device_name(0) if device == 'cuda' else f'{torch.get_num_threads()} threads'}"
+              f"{' per process' if world.size > 1 else ''}), {dtype_name}; CPU kernels {numeric['cpu_capability']}"
+              f"{' (pinned: train.deterministic)' if pinned else ''}", flush=True)
+    if pinned and not numeric["portable"] and group.is_main:
         print("train: warning: this CPU has no AVX2 (or is not x86-64): the pinned kernels are reproducible on "
               "machines like it, but its bytes will differ from the published hashes (invoke verify --golden)",
               flush=True)
     torch.manual_seed(config.train.seed)
     clock.lap("start")
-    source = base_model_dir(config, work)
+    source = group.prepare_once_per_storage(shared, prepare)
     clock.lap("base model")  # the tiny model is built here; a hub model loads below
     tokenizer = load_tokenizer(source, config)
     own = (families.custom(Path(config.model.go_template).read_text(encoding="utf-8"), config.model.end_of_turn)
            if config.model.go_template else None)
     fmt = chat.resolve(config.model.chat_template, tokenizer, config.model.id, own)  # installs the template
-    fmt.write(work)
-    print(f"train: chat template {fmt.family} ({fmt.source}, sha256 {fmt.sha256[:12]}), turns end with "
-          f"{fmt.end_of_turn}, BOS {'added' if fmt.bos else 'none'}", flush=True)
+    if group.is_main:
+        fmt.write(work)
+        print(f"train: chat template {fmt.family} ({fmt.source}, sha256 {fmt.sha256[:12]}), turns end with "
+              f"{fmt.end_of_turn}, BOS {'added' if fmt.bos else 'none'}", flush=True)
 
     count = lambda messages: len(encode(tokenizer, render(tokenizer, fmt.jinja, messages, False,  # noqa: E731
                                                           fmt.template_vars))[0])
@@ -203,15 +215,33 @@ def train(config: RunConfig, out: Path) -> Path:
     train_set = Dataset.from_dict(columns[0])
     eval_set = Dataset.from_dict(columns[1]) if len(columns) > 1 else None
 
+    batch = {"per_device": t.batch_size, "processes": world.size, "grad_accum": t.grad_accum,
+             "effective": t.batch_size * world.size * t.grad_accum}
+    if group.is_main:
+        print(f"train: {world.describe()}; effective batch {batch['effective']} = {t.batch_size} per device x "
+              f"{world.size} process{'es' if world.size > 1 else ''} x {t.grad_accum} accumulated", flush=True)
+    checkpoints = work / "checkpoints"
+    last = group.from_main(get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None)
+    if last and not all(group.gather(Path(last).is_dir())):
+        raise TrainError(f"rank 0 resumes from {Path(last).name}, which another machine does not have: give every "
+                         "node its checkpoints (a shared artifacts/ or a copy of .train.partial/), or start over "
+                         "with --force")
     args = SFTConfig(
-        output_dir=str(work / "checkpoints"), **sft_kwargs(config, device, dtype_name),
+        output_dir=str(checkpoints), **sft_kwargs(config, device, dtype_name),
         full_determinism=t.deterministic and device == "cpu", per_device_eval_batch_size=t.batch_size,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2, save_on_each_node=not shared,
         eval_strategy="steps" if (t.eval_steps and eval_set is not None) else "no", eval_steps=t.eval_steps,
+        # The base model's eval loss (LoRA B starts at zero), inside the training loop: evaluated before it
+        # (trainer.evaluate()), 2 DDP processes trained other weights than 1 process from the first step on
+        # (measured; inside it, the same bytes; 1 process gives the same bytes either way)
+        eval_on_start=eval_set is not None and last is None,
         assistant_only_loss=False, report_to=[], disable_tqdm=False,  # the masks come with the tokens
+        # DDP: gloo between CPU processes, NCCL between GPUs; every LoRA weight gets a gradient each step
+        **({"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
+           if world.size > 1 else {}),
     )
     lora = LoraConfig(**lora_kwargs(config))
-    model = load_model(source, config, method, dtype_name)
+    model = load_model(source, config, method, dtype_name, world.local_rank)
     parameters = model.num_parameters()
     metrics = MetricsCallback(work / layout.METRICS)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
@@ -219,41 +249,42 @@ def train(config: RunConfig, out: Path) -> Path:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(metrics.progress)
     clock.lap("load and tokenize")
-
-    summary_path = work / layout.SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if eval_set is not None and "eval_loss_base" not in summary:
-        summary["eval_loss_base"] = trainer.evaluate()["eval_loss"]  # LoRA B starts at zero: this is the base
-        summary_path.write_text(json.dumps(summary))
-    clock.lap("eval before")
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-    if last:
+    if last and group.is_main:
         print(f"train: resuming from {Path(last).name}", flush=True)
         keep_metrics_until(work / layout.METRICS, int(Path(last).name.split("-")[-1]))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=last)
-    clock.lap("train")
-    summary |= {
+    clock.lap("train")  # with the base model's eval loss (eval_on_start)
+    summary = {
+        "eval_loss_base": next((h["eval_loss"] for h in trainer.state.log_history
+                                if h.get("step") == 0 and "eval_loss" in h), None),
         "method": method, "device": device, "precision": dtype_name,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss, "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "train_seconds": round(time.time() - started, 3), "resumed_from": Path(last).name if last else None,
         "peak_memory_mb": peak_memory_mb(), "parameters": parameters, "numerics": numeric,
+        "distributed": {"strategy": world.strategy, "nodes": world.nodes, "processes_per_node": world.processes,
+                        "world_size": world.size, "batch": batch},
     }
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     clock.lap("eval after")
-    trainer.model.save_pretrained(work / layout.ADAPTER)
-    merge(source, config, work / layout.ADAPTER, work / layout.MERGED, tokenizer, fmt, dtype_name)
-    clock.lap("save and merge")
-    plot_loss(work / layout.METRICS, work / layout.LOSS_PLOT, summary)
-    clock.lap("plot")
-    summary["seconds"] = clock.seconds  # the stage's profile, phase by phase (this process only on a resume)
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(work / "checkpoints")
-    publish(work, final)
-    return final
+    if group.is_main:
+        trainer.model.save_pretrained(work / layout.ADAPTER)
+        merge(source, config, work / layout.ADAPTER, work / layout.MERGED, tokenizer, fmt, dtype_name)
+        clock.lap("save and merge")
+        plot_loss(work / layout.METRICS, work / layout.LOSS_PLOT, summary)
+        clock.lap("plot")
+        summary["seconds"] = clock.seconds  # the stage's profile, phase by phase (this process only on a resume)
+        (work / layout.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(work / "checkpoints")
+        publish(work, final)
+    group.barrier()
+    if not group.is_main and not shared and world.local_rank == 0:
+        shutil.rmtree(work, ignore_errors=True)  # this machine's base model and checkpoints: nobody reads them
+    group.close()
+    return final if group.is_main else None
 
 
 def merge(source: str, config: RunConfig, adapter: Path, out: Path, tokenizer, fmt: chat.ChatFormat,
@@ -320,8 +351,11 @@ def eval_loss(model_dir: str | Path, jsonl: str | Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not launch.is_worker() and (world := launch.plan(argv)) is not None:
+        return launch.launch(world, argv)
     return stage_main(STAGE, "Fine-tune the base model of a run config (LoRA/QLoRA).", train,
-                      (TrainError, chat.TemplateError), argv)
+                      (TrainError, chat.TemplateError, launch.LaunchError), argv)
 
 
 if __name__ == "__main__":
