@@ -129,9 +129,10 @@ def launch(w: World, argv: list[str]) -> int:
     local = w.nodes == 1
     config = LaunchConfig(
         min_nodes=w.nodes, max_nodes=w.nodes, nproc_per_node=w.processes, run_id=RENDEZVOUS_ID,
-        rdzv_backend="c10d", rdzv_endpoint=w.rendezvous, rdzv_configs={"timeout": JOIN_TIMEOUT_S, "is_host": w.node_rank == 0},  # node 0 holds the store
+        rdzv_backend="c10d", rdzv_endpoint=w.rendezvous,
+        rdzv_configs={"timeout": JOIN_TIMEOUT_S, "is_host": w.node_rank == 0},  # node 0 holds the store
         max_restarts=0, monitor_interval=0.5, start_method="spawn",
-        local_addr="127.0.0.1" if local else None,  # one machine: nothing listens beyond loopback
+        local_addr="127.0.0.1" if local else None,  # one machine: the processes address each other on loopback
     )
     env_before = dict(os.environ)
     if local:
