@@ -255,9 +255,9 @@ def train(config: RunConfig, out: Path) -> Path | None:
     started = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     clock.lap("train")  # with the base model's eval loss (eval_on_start)
+    base_loss = [h["eval_loss"] for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
     summary = {
-        "eval_loss_base": next((h["eval_loss"] for h in trainer.state.log_history
-                                if h.get("step") == 0 and "eval_loss" in h), None),
+        **({"eval_loss_base": base_loss[0]} if base_loss else {}),  # without an eval split: none
         "method": method, "device": device, "precision": dtype_name,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
         "steps": trainer.state.global_step,
