@@ -86,9 +86,11 @@ class DistributedSection(_Section):
     The node's rank and the rendezvous address are not here: they differ per machine and change nothing in
     the result, so they are `invoke train` flags (--node-rank, --rendezvous)."""
 
-    strategy: Literal["auto", "ddp"] = Field(
-        "auto", description="auto = ddp when more than one process trains (each holds the whole model, every "
-                            "batch is split among them); sharded strategies (FSDP2, DeepSpeed ZeRO) are not built yet")
+    strategy: Literal["auto", "ddp", "zero2", "zero3", "fsdp2"] = Field(
+        "auto", description="how more than one process shares the work: auto = ddp (each holds the whole model, "
+                            "every batch is split among them); zero2 = DeepSpeed ZeRO-2 (optimizer state and "
+                            "gradients sharded); zero3 = DeepSpeed ZeRO-3 (the weights too); fsdp2 = PyTorch FSDP2 "
+                            "(weights, gradients and optimizer state sharded; CUDA GPUs only)")
     processes: int | Literal["auto"] = Field(
         "auto", description="training processes per node: auto = one per GPU the train container sees (1 on CPU)")
     nodes: int = Field(1, gt=0, le=1024, description="machines that train together (c10d rendezvous)")

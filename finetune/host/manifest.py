@@ -39,11 +39,12 @@ def artifacts(run_dir: Path, out: str) -> list[dict]:
     return [{"path": str(p.relative_to(run_dir)), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
 
 
-# The packages whose versions a stage's artifacts depend on, read from the lock its image was built from.
+# The packages whose versions a stage's artifacts depend on, read from the locks its image was built from.
 LOCKED_PACKAGES = {
-    "train": ("requirements/train.lock", ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate",
-                                          "datasets", "sentencepiece")),
-    "convert": ("requirements/convert.lock", ("torch", "transformers", "numpy", "sentencepiece")),
+    "train": (("requirements/train.lock", "requirements/deepspeed.lock"),
+              ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "deepspeed", "datasets",
+               "sentencepiece")),
+    "convert": (("requirements/convert.lock",), ("torch", "transformers", "numpy", "sentencepiece")),
 }
 
 
@@ -73,8 +74,8 @@ def versions(stage: str, image_attrs: dict) -> dict:
     image (its environment and labels, or `ollama --version`)."""
     found = {}
     if stage in LOCKED_PACKAGES:
-        lock, names = LOCKED_PACKAGES[stage]
-        text = Path(lock).read_text(encoding="utf-8")
+        locks, names = LOCKED_PACKAGES[stage]
+        text = "".join(Path(lock).read_text(encoding="utf-8") for lock in locks)
         for name in names:
             if m := re.search(rf"^{re.escape(name)}==(\S+)", text, re.M):
                 found[name] = m.group(1)

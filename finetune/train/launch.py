@@ -3,11 +3,13 @@
 `python -m finetune.train` is both the launcher and the worker. When the config asks for more than one
 process (train.distributed: processes per node x nodes), the launcher starts the workers through torch's
 elastic agent (what `torchrun` runs) with the c10d rendezvous, then waits; each worker is
-`python -m finetune.train` again and trains its share of every batch with the transformers Trainer, which
-wraps the model in DistributedDataParallel (gloo between CPU processes, NCCL between GPUs). With the same
-effective batch (per-device batch x processes x grad_accum) and the same threads per process, 2 processes
-train the same bytes as 1 process accumulating 2 micro-batches (measured: DDP sums the two gradients,
-accumulation adds them, and a sum of two floats does not depend on their order).
+`python -m finetune.train` again and trains its share of every batch with the transformers Trainer, in the
+strategy train.distributed.strategy names (sft.strategy_kwargs): DistributedDataParallel (gloo between CPU
+processes, NCCL between GPUs), DeepSpeed ZeRO-2 or ZeRO-3, or FSDP2 (GPUs only). With the same effective
+batch (per-device batch x processes x grad_accum) and the same threads per process, 2 DDP processes train
+the same bytes as 1 process accumulating 2 micro-batches (measured: DDP sums the two gradients,
+accumulation adds them, and a sum of two floats does not depend on their order); ZeRO groups those sums
+otherwise and agrees to float rounding.
 
 Ranks: the c10d rendezvous numbers the machines by their host names, so the workers number themselves by
 the node rank they are given instead (node_rank x processes + local rank): global rank 0 is always local
@@ -51,7 +53,7 @@ class LaunchError(RuntimeError):
 class World:
     """The processes of one run: how many, where, and which one this is."""
 
-    strategy: str  # none (one process), ddp
+    strategy: str  # none (one process), ddp, zero2, zero3, fsdp2
     nodes: int
     processes: int  # per node
     node_rank: int
@@ -80,14 +82,16 @@ class World:
 def world(distributed) -> World:
     """The World of `train.distributed` on this machine: processes `auto` is one per visible GPU, else 1
     (`invoke train` resolves it on the host, so that the stage's key has the number); strategy `auto` is ddp
-    for more than one process."""
+    for more than one process, and any strategy is none for one."""
     processes = distributed.processes
     if processes == "auto":
         processes = max(machine.cuda_devices(), 1)
     size = processes * distributed.nodes
     strategy = distributed.strategy
-    if strategy == "auto":
-        strategy = "ddp" if size > 1 else "none"
+    if size == 1:
+        strategy = "none"  # one process has nothing to share: the sharding strategies begin at two
+    elif strategy == "auto":
+        strategy = "ddp"
     node_rank = int(os.environ.get(NODE_RANK_ENV, "0"))
     if not 0 <= node_rank < distributed.nodes:
         raise LaunchError(f"node rank {node_rank} is outside 0..{distributed.nodes - 1} "

@@ -103,16 +103,22 @@ def pinned(config: RunConfig) -> dict:
     return {"revision": config.model.revision} if config.model.revision else {}
 
 
-def load_model(source: str, config: RunConfig, method: str, dtype_name: str, local_rank: int = 0):
+def load_model(source: str, config: RunConfig, method: str, dtype_name: str, world: launch.World | None = None):
+    """The base model, in 4 bits for QLoRA. Under ZeRO-3 (the SFTConfig made first) it loads already sharded."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     kwargs = pinned(config)
     if method == "qlora":
+        shards_weights = world is not None and world.size > 1 and world.strategy in SHARDED_WEIGHTS
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": local_rank}  # each process its own GPU
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+            # ZeRO-3 and FSDP shard only floating-point tensors: the 4-bit weights are stored in the compute dtype
+            # (peft's and bitsandbytes' recipe for QLoRA with them), and they place the shards themselves
+            **({"bnb_4bit_quant_storage": dtype} if shards_weights else {}))
+        if not shards_weights:
+            kwargs["device_map"] = {"": world.local_rank if world else 0}  # each process its own GPU
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
 
 
@@ -139,6 +145,64 @@ def sft_kwargs(config: RunConfig, device: str, dtype_name: str) -> dict:
         use_cpu=device == "cpu", logging_steps=t.logging_steps, max_length=config.data.max_seq_len,
         packing=t.packing, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
     )
+
+
+SHARDED_WEIGHTS = ("zero3", "fsdp2")  # the strategies that split the model's weights among the processes
+DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed"  # zero2.json, zero3.json: "auto" = from the SFTConfig
+
+
+def strategy_kwargs(world: launch.World, device: str) -> dict:
+    """The SFTConfig arguments of the strategy the processes share the work by (train.distributed.strategy):
+    DDP (gloo between CPU processes, NCCL between GPUs), DeepSpeed ZeRO-2/3 with the Trainer's own optimizer,
+    batch, accumulation and clipping (deepspeed/*.json), or FSDP2."""
+    if world.size == 1:
+        return {}
+    backend = {"ddp_backend": "nccl" if device == "cuda" else "gloo"}
+    if world.strategy in ("zero2", "zero3"):
+        join_deepspeed(backend["ddp_backend"])
+        return backend | {"deepspeed": json.loads((DEEPSPEED_CONFIGS / f"{world.strategy}.json").read_text())}
+    if world.strategy == "fsdp2":
+        if device == "cpu":
+            raise TrainError("train.distributed.strategy=fsdp2 needs CUDA GPUs: accelerate (1.15) shards with FSDP "
+                             "only on GPU-like devices and on CPU processes would silently train DDP instead; on "
+                             "CPU use zero3 (weights sharded too) or zero2 (DeepSpeed), or ddp")
+        return backend | {"fsdp": True, "fsdp_config": {
+            "version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}}
+    return backend | {"ddp_find_unused_parameters": False}  # every LoRA weight gets a gradient each step
+
+
+def join_deepspeed(backend: str) -> None:
+    """Give DeepSpeed the process group this worker already belongs to (launch.Group), before ZeRO-3 loads
+    the model sharded: accelerate leaves DeepSpeed's communication uninitialised when torch's is, and
+    zero.Init then sees a world of one.
+
+    On CPU its collectives stay on gloo, the same allreduce as DDP's: DeepSpeed's faster shared-memory
+    allreduce is a C++ op that it would compile at run time with the machine's compiler (the train image has
+    none) for the machine's vector instructions, whose sums then differ from CPU to CPU. DeepSpeed consults
+    the dict edited here before building it (deepspeed/comm/torch.py, build_shm_op)."""
+    import deepspeed
+    import deepspeed.ops
+
+    if backend == "gloo":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def parameter_count(model) -> int:
+    """All parameters of the model, also when ZeRO-3 holds only a shard of each in this process."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def held_share(model) -> float:
+    """The share of the model's weights (base, adapter and the modules trained in full) that this process
+    holds: 1, or its shards under ZeRO-3 (ds_tensor) and FSDP2 (DTensor): what sharding saves in memory."""
+    def held(p) -> int:
+        if hasattr(p, "ds_tensor"):
+            return p.ds_tensor.numel()
+        return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+    return round(sum(held(p) for p in model.parameters()) / parameter_count(model), 4)
 
 
 def lora_kwargs(config: RunConfig) -> dict:
@@ -236,13 +300,11 @@ def train(config: RunConfig, out: Path) -> Path | None:
         # (measured; inside it, the same bytes; 1 process gives the same bytes either way)
         eval_on_start=eval_set is not None and last is None,
         assistant_only_loss=False, report_to=[], disable_tqdm=False,  # the masks come with the tokens
-        # DDP: gloo between CPU processes, NCCL between GPUs; every LoRA weight gets a gradient each step
-        **({"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
-           if world.size > 1 else {}),
+        **strategy_kwargs(world, device),
     )
     lora = LoraConfig(**lora_kwargs(config))
-    model = load_model(source, config, method, dtype_name, world.local_rank)
-    parameters = model.num_parameters()
+    model = load_model(source, config, method, dtype_name, world)
+    parameters = parameter_count(model)
     metrics = MetricsCallback(work / layout.METRICS)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer, peft_config=lora, callbacks=[metrics])
@@ -265,13 +327,21 @@ def train(config: RunConfig, out: Path) -> Path | None:
         "train_seconds": round(time.time() - started, 3), "resumed_from": Path(last).name if last else None,
         "peak_memory_mb": peak_memory_mb(), "parameters": parameters, "numerics": numeric,
         "distributed": {"strategy": world.strategy, "nodes": world.nodes, "processes_per_node": world.processes,
-                        "world_size": world.size, "batch": batch},
+                        "world_size": world.size, "batch": batch,
+                        "weights_held_by_rank_0": held_share(trainer.model)},
     }
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     clock.lap("eval after")
+    # ZeRO-3 and FSDP2 hold shards of the weights: every process takes part in gathering them for rank 0
+    gathered = (trainer.accelerator.get_state_dict(trainer.model_wrapped)
+                if world.size > 1 and world.strategy in SHARDED_WEIGHTS else None)
+    if gathered is not None and world.strategy == "zero3":
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # the merge loads the base whole, in rank 0 alone, not sharded by ZeRO-3
     if group.is_main:
-        trainer.model.save_pretrained(work / layout.ADAPTER)
+        trainer.model.save_pretrained(work / layout.ADAPTER, state_dict=gathered)
         merge(source, config, work / layout.ADAPTER, work / layout.MERGED, tokenizer, fmt, dtype_name)
         clock.lap("save and merge")
         plot_loss(work / layout.METRICS, work / layout.LOSS_PLOT, summary)
