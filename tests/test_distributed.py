@@ -280,3 +280,11 @@ def test_deepspeed_zero2_and_zero3_train_what_ddp_trains_and_zero3_holds_half_th
     done = invoke("convert", *sets(runs[1], *SHORT, *TWO, "train.distributed.strategy=zero3",
                                    "convert.require_stop=false"))
     assert done.returncode == 0, output(done)
+
+
+@pytest.mark.docker
+def test_fsdp2_on_cpu_stops_before_training_with_what_to_use_instead(runs):
+    done = invoke("train", *sets(runs[0], *SHORT, *TWO, "train.distributed.strategy=fsdp2"))
+    assert done.returncode != 0
+    assert "train.distributed.strategy=fsdp2 needs CUDA GPUs" in output(done) and "on CPU use zero3" in output(done)
+    assert not (run_dir(runs[0]) / "train").exists() and cache.read_stamp(run_dir(runs[0]), "train") is None

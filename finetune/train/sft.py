@@ -162,14 +162,19 @@ def strategy_kwargs(world: launch.World, device: str) -> dict:
         join_deepspeed(backend["ddp_backend"])
         return backend | {"deepspeed": json.loads((DEEPSPEED_CONFIGS / f"{world.strategy}.json").read_text())}
     if world.strategy == "fsdp2":
-        if device == "cpu":
-            raise TrainError("train.distributed.strategy=fsdp2 needs CUDA GPUs: accelerate (1.15) shards with FSDP "
-                             "only on GPU-like devices and on CPU processes would silently train DDP instead; on "
-                             "CPU use zero3 (weights sharded too) or zero2 (DeepSpeed), or ddp")
+        check_strategy(world, device)
         return backend | {"fsdp": True, "fsdp_config": {
             "version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}}
     return backend | {"ddp_find_unused_parameters": False}  # every LoRA weight gets a gradient each step
+
+
+def check_strategy(world: launch.World, device: str) -> None:
+    """Refuse a strategy this device cannot run, before anything is prepared."""
+    if world.strategy == "fsdp2" and device == "cpu":
+        raise TrainError("train.distributed.strategy=fsdp2 needs CUDA GPUs: accelerate (1.15) shards with FSDP "
+                         "only on GPU-like devices and on CPU processes would silently train DDP instead; on "
+                         "CPU use zero3 (weights sharded too) or zero2 (DeepSpeed), or ddp")
 
 
 def join_deepspeed(backend: str) -> None:
@@ -233,6 +238,7 @@ def train(config: RunConfig, out: Path) -> Path | None:
 
     clock.lap("imports")
     device, method = pick_device(config)
+    check_strategy(world, device)
     dtype_name = precision(config, device)
     group = launch.Group(world, device)
     work, final = layout.partial_dir(out, "train"), layout.stage_dir(out, "train")
