@@ -124,10 +124,10 @@ def processes(b: Session) -> None:
     train.cpu_threads each, so that the two runs use the same cores)."""
     gpus = containers.has_gpu()
     threads = b.config.train.cpu_threads
-    half = ("train.distributed.processes=1",) + (() if gpus else (f"train.cpu_threads={max(threads // 2, 1)}",))
-    runs = {"1": ("train.distributed.processes=1",), "1, half": half, "2": ("train.distributed.processes=2",)}
-    if gpus:
-        runs.pop("1, half")  # one process on one GPU is already the share of one
+    half = max(threads // 2, 1)
+    runs = {"1": ("train.distributed.processes=1",), "2": ("train.distributed.processes=2",)}
+    if not gpus:  # on a GPU one process on one GPU is already the share of one
+        runs["1, half"] = ("train.distributed.processes=1", f"train.cpu_threads={half}")
     samples: dict[str, dict[str, list]] = {k: {"tps": [], "memory": []} for k in runs}
     for i in range(b.repeats):
         for key, extra in runs.items():
@@ -146,7 +146,7 @@ def processes(b: Session) -> None:
         "efficiency": statistics.median(samples["2"]["tps"]) / (2 * statistics.median(share)),
         "tokens_per_s": {k: summarize(v["tps"]) for k, v in samples.items()},
         "what": "tokens/s of 2 processes / (2 x tokens/s of 1 process with one process's share: "
-                + ("one GPU)" if gpus else f"{max(threads // 2, 1)} of {threads} threads)"),
+                + ("one GPU)" if gpus else f"{half} of {threads} threads)"),
     }
 
 

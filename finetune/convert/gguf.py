@@ -192,14 +192,16 @@ def perplexity_figures(output: str, compare: bool) -> dict:
 
 
 def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: bool,
-               prompt_messages: list[dict], require_stop: bool = True) -> dict:
+               prompt_messages: list[dict], require_stop: bool = True, clock: Stopwatch | None = None) -> dict:
     """Load a GGUF, check its metadata and that it tokenizes a chat prompt (rendered with the trained
     template, `fmt` from chat.json) into the ids the Hugging Face tokenizer in hf_dir gives in training, BOS
     included, and generate greedily; raise ConvertError if anything is off.
 
     tuned False checks a base model: it loads and generates, but it was never taught the template or to
-    end its turn. require_stop False records how the greedy answer ended without failing on it.
+    end its turn. require_stop False records how the greedy answer ended without failing on it. `clock`
+    gets a lap per check ("checks: ..."): their costs, which `invoke bench` shows.
     """
+    lap = clock.lap if clock else (lambda phase: None)
     import gguf
     import llama_cpp
     from llama_cpp import Llama
@@ -221,21 +223,26 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
         problems.append(f"tokenizer.ggml.add_bos_token is {add_bos_key}, but training fed "
                         f"{'a' if fmt['bos'] else 'no'} BOS" + (", which the served prompt carries as text"
                                                                  if bos_text else ""))
+    lap("checks: metadata")
 
     started = time.monotonic()
     llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
     load_seconds = time.monotonic() - started
+    lap("checks: load in llama.cpp")
     end = fmt["end_of_turn"]
     if tuned and not llama_cpp.llama_vocab_is_eog(llm._model.vocab, fmt["end_of_turn_id"]):
         problems.append(f"{end} (id {fmt['end_of_turn_id']}) is not an end-of-generation token of the GGUF: "
                         "generation would not stop at the end of a turn")
-    text = render(tokenizer := _tokenizer(hf_dir), fmt["jinja"], prompt_messages, True, fmt["template_vars"])
+    tokenizer = _tokenizer(hf_dir)
+    lap("checks: the trained tokenizer")  # loaded once per model directory
+    text = render(tokenizer, fmt["jinja"], prompt_messages, True, fmt["template_vars"])
     prompt = llm.tokenize(served_prompt(text, tokenizer.bos_token, bos_text).encode(), add_bos=not bos_text,
                           special=True)
     if (difference := token_difference(prompt, encode(tokenizer, text)[0], tokenizer, llm)) is not None:
         problems.append(f"llama.cpp tokenizes the chat prompt differently from the trained tokenizer ({difference}): "
                         "Ollama would feed the model input it was not trained on; check that the chat markers "
                         "are special tokens in tokenizer_config.json (added_tokens_decoder)")
+    lap("checks: prompt ids")
     # Greedy, with the repeat penalty llama.cpp and Ollama apply by default (1.1): a model whose template or
     # end token is wrong still runs to the limit, while a small model's digit loops ("000...") do not.
     result = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=1, seed=0,
@@ -247,6 +254,7 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
                         f"(runaway generation: check the chat template and end tokens): {choice['text'][:120]!r}")
     add_bos = bool(llm._model.add_bos_token())
     del llm
+    lap("checks: greedy answer")
     if problems:
         raise ConvertError(f"{path.name} failed its checks: " + "; ".join(problems))
     size = path.stat().st_size
@@ -327,8 +335,9 @@ def convert(config: RunConfig, out: Path) -> Path:
         for kind, path in files:
             baseline = kind.startswith("base")
             row = {"type": kind, **check_gguf(path, train / (layout.BASE if baseline else layout.MERGED),
-                                              gguf_architecture(hf_config), fmt, not baseline, prompt, c.require_stop)}
-            clock.lap("checks")
+                                              gguf_architecture(hf_config), fmt, not baseline, prompt, c.require_stop,
+                                              clock)}
+            clock.lap("checks: sha256")  # the file's digest, taken for the report after the checks
             if reference is not None and baseline:
                 row |= perplexity(path, reference)
             elif reference is not None:  # files[0] is the full-precision GGUF: its logits are the yardstick

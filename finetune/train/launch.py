@@ -96,11 +96,11 @@ def world(distributed) -> World:
     if not 0 <= node_rank < distributed.nodes:
         raise LaunchError(f"node rank {node_rank} is outside 0..{distributed.nodes - 1} "
                          f"(train.distributed.nodes={distributed.nodes}); give --node-rank from 0 to nodes - 1")
-    rendezvous = os.environ.get(RENDEZVOUS_ENV) or LOCAL_RENDEZVOUS
-    if distributed.nodes > 1 and not os.environ.get(RENDEZVOUS_ENV):
+    given = os.environ.get(RENDEZVOUS_ENV)
+    if distributed.nodes > 1 and not given:
         raise LaunchError(f"train.distributed.nodes={distributed.nodes} needs the rendezvous address: give "
                          "--rendezvous HOST:PORT, HOST being node 0's address that every node can reach")
-    return World(strategy, distributed.nodes, processes, node_rank, rendezvous)
+    return World(strategy, distributed.nodes, processes, node_rank, given or LOCAL_RENDEZVOUS)
 
 
 def plan(argv: list[str]) -> World | None:
@@ -219,8 +219,7 @@ class Group:
             out.mkdir(parents=True, exist_ok=True)
             marker.touch()
         self.barrier()
-        sees = all(self.gather(marker.is_file()))
-        self.barrier()
+        sees = all(self.gather(marker.is_file()))  # a collective: every rank has looked when it returns
         if self.is_main:
             marker.unlink()
         return sees
