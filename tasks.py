@@ -20,6 +20,8 @@ code lives in the `finetune` package and runs inside the images.
 
 Defaults live in one place (`ns.configure` below) and can be changed in invoke.yaml or with environment
 variables, e.g. INVOKE_FINETUNE_CONFIG=configs/qwen2.5-3b-ja-qlora.yaml, INVOKE_FINETUNE_LOCAL_BASE=1.
+INVOKE_FINETUNE_RUNNER=native runs the stages in the host's Python instead of their images (Colab, a Mac, a
+cluster without Docker: finetune/host/native.py).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from finetune.core.config import ConfigError, RunConfig, load_config, to_yaml
 from finetune.core.families import CASES, PROMPT_CASES
 from finetune.evaluation import evaluate
 from finetune.evaluation import families as families_
-from finetune.host import baseimage, cache, containers, manifest
+from finetune.host import baseimage, cache, containers, manifest, native
 from finetune.serve import bundle, modelfiles
 from finetune.serve import server as serve_stage
 
@@ -71,7 +73,7 @@ def train(c: Context, config: str | None = None, set_: list[str] | None = None, 
     """Fine-tune the config's base model (LoRA/QLoRA) in the train image; writes artifacts/<run>/train/.
     With train.distributed: several processes (every GPU by default), on one machine or several."""
     cfg = load(c, config, set_)
-    gpus = containers.has_gpu()
+    gpus = machine.cuda_devices() > 0 if is_native(c) else containers.has_gpu()
     if cfg.train.distributed.processes == "auto":  # resolved here, so that the stage's key has the number
         processes = max(machine.cuda_devices(), 1) if gpus else 1
         cfg = load(c, config, [*(set_ or []), f"train.distributed.processes={processes}"])
@@ -85,8 +87,9 @@ def train(c: Context, config: str | None = None, set_: list[str] | None = None, 
 
     def work(run_dir: Path) -> None:
         where = f"{cfg.train.distributed.processes} process(es) per node x {nodes} nodes, node {node_rank}"
-        print(f"train: {cfg.run}: running {image} on {'GPU (--gpus all)' if gpus else 'CPU (no NVIDIA runtime found)'}"
-              + (f"; {where}" if nodes > 1 else ""))
+        on = ("natively (the host's Python), on " + ("CUDA" if gpus else "the best device torch finds: MPS or CPU")
+              if is_native(c) else f"{image} on " + ("GPU (--gpus all)" if gpus else "CPU (no NVIDIA runtime found)"))
+        print(f"train: {cfg.run}: running {on}" + (f"; {where}" if nodes > 1 else ""))
         env = {"HF_HUB_OFFLINE": "1"} if layout.is_builtin(cfg.model.id) else {}
         if os.environ.get("HF_TOKEN"):
             env["HF_TOKEN"] = os.environ["HF_TOKEN"]  # at run time only: never in a layer, a log or an artifact
@@ -94,15 +97,19 @@ def train(c: Context, config: str | None = None, set_: list[str] | None = None, 
             env |= {layout.NODE_RANK_ENV: str(node_rank), layout.RENDEZVOUS_ENV: rendezvous}
             env |= {k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ}
         name = "train" if node_rank == 0 else f"train-node{node_rank}"
-        code = run_stage(image, cfg, [containers.Mount(run_dir, layout.CONTAINER_RUN_DIR, read_only=False)],
-                         name=name, env=env, gpus=gpus, named_volumes={layout.HF_CACHE_VOLUME: layout.HF_CACHE_MOUNT},
-                         network=network or ("host" if nodes > 1 else None))
+        if is_native(c):
+            code = run_native_stage(c, "train", cfg, run_dir, env)
+        else:
+            code = run_stage(image, cfg, [containers.Mount(run_dir, layout.CONTAINER_RUN_DIR, read_only=False)],
+                             name=name, env=env, gpus=gpus,
+                             named_volumes={layout.HF_CACHE_VOLUME: layout.HF_CACHE_MOUNT},
+                             network=network or ("host" if nodes > 1 else None))
         if code == 2:  # the stage's own error (stage_main), printed above with what to do
             raise Exit("train: the train stage stopped with the error above; fix that and rerun `invoke train` "
                        "(a checkpoint, if any, is kept)", code=code)
         if code != 0:
-            raise Exit(f"train: the train container exited with {code}; rerun `invoke train` to resume from the "
-                       "last checkpoint", code=code)
+            raise Exit(f"train: the train {'process' if is_native(c) else 'container'} exited with {code}; rerun "
+                       "`invoke train` to resume from the last checkpoint", code=code)
 
     if node_rank > 0:  # rank 0's machine keeps the model; this one records nothing a later stage could read
         work(layout.run_dir(cfg.run))
@@ -126,6 +133,10 @@ def convert(c: Context, config: str | None = None, set_: list[str] | None = None
         copies = 1 + cfg.serve.baseline + 0.6 * (len(cfg.convert.quant_types) + cfg.serve.baseline)
         cache.check_space(run_dir, int(merged * copies), "convert")
         layout.BASE_GGUF_CACHE.mkdir(parents=True, exist_ok=True)
+        if is_native(c):
+            if (code := run_native_stage(c, "convert", cfg, run_dir)) != 0:
+                raise Exit(f"convert: the convert process exited with {code}", code=code)
+            return
         mounts = [containers.Mount(run_dir, layout.CONTAINER_RUN_DIR, read_only=False),
                   containers.Mount(layout.BASE_GGUF_CACHE.resolve(), layout.BASE_GGUF_CACHE_MOUNT, read_only=False)]
         if train_dir.is_dir():  # else the stage reports the missing model (docker would create the dir)
@@ -156,11 +167,21 @@ def serve(c: Context, config: str | None = None, set_: list[str] | None = None, 
             raise Exit(f"serve: {e}", code=2) from e
 
     key = cached_stage(c, cfg, "serve", image, work, force)
+    if is_native(c) and (ollama_binary := native.ollama_binary(c.finetune.ollama)) is None:
+        export(c, config, set_)
+        print(f"serve: no `{c.finetune.ollama}` binary on PATH, so nothing is served: the bundle above runs on any "
+              "Ollama. To serve here, install Ollama (https://ollama.com/download; Linux: `curl -fsSL "
+              "https://ollama.com/install.sh | sh`) or name its binary (INVOKE_FINETUNE_OLLAMA=/path/to/ollama), "
+              "then run `invoke serve` again")
+        return
     try:
-        served = serve_stage.ensure_running(cfg, run_dir, image, key)
-    except modelfiles.ServeError as e:
+        if is_native(c):
+            served = serve_stage.ensure_running_native(cfg, run_dir, ollama_binary, key)
+        else:
+            served = serve_stage.ensure_running(cfg, run_dir, image, key)
+    except (modelfiles.ServeError, native.NativeError) as e:
         raise Exit(f"serve: {e}", code=2) from e
-    print(f"serve: Ollama {served.version} at {served.url} (container {served.container}); "
+    print(f"serve: Ollama {served.version} at {served.url} ({'' if is_native(c) else 'container '}{served.container}); "
           f"models: {', '.join(served.models)}")
     print('serve: try `./invoke chat "商品を返品したいです"`; stop with `./invoke stop`')
 
@@ -172,7 +193,7 @@ def cached_stage(c: Context, cfg: RunConfig, stage: str, image: str, work, force
     run_dir = layout.run_dir(cfg.run)
     try:
         with cache.run_lock(run_dir):
-            image_attrs = containers.client().images.get(image).attrs
+            image_attrs = stage_attrs(c, stage, image)
             inputs = cache.stage_inputs(stage, cfg, run_dir, image_attrs["Id"])
             reason = "--force" if force or c.finetune.force else cache.why_rerun(run_dir, inputs)
             if reason is None:
@@ -217,6 +238,8 @@ def eval(c: Context, config: str | None = None, set_: list[str] | None = None) -
 def bench(c: Context, config: str | None = None, set_: list[str] | None = None, out: str | None = None) -> None:
     """Measure every stage beside the plain tool it replaces (TRL script, llama.cpp by hand, llama-bench,
     plain Ollama), the pipeline cold and warm, and the image sizes; on a separate run, <run>-bench."""
+    if is_native(c):
+        raise Exit("bench: works with the stage images only (finetune.runner=docker)", code=2)
     cfg = load(c, config, set_)
     images = [stage_image(c, stage) for stage in ("train", "convert", "serve")]  # built before timing anything
     images += [c.finetune.ollama_image, c.finetune.base_image] if local_base_reason(c, "serve") else []
@@ -231,9 +254,11 @@ def bench(c: Context, config: str | None = None, set_: list[str] | None = None, 
                                "golden": "also compare with the published hashes (golden/<config>.json): the same "
                                          "bytes as on every other x86-64 machine with AVX2",
                                "update": "with --golden: publish this run's hashes instead (for a change meant to "
-                                         "change the artifacts; commit them with it)"})
+                                         "change the artifacts; commit them with it)",
+                               "other_machine": "with --update: add this machine's hashes as another CPU class's, "
+                                                "beside the reference machine's (README: Reproducibility)"})
 def verify(c: Context, config: str | None = None, set_: list[str] | None = None, golden: bool = False,
-           update: bool = False) -> None:
+           update: bool = False, other_machine: bool = False) -> None:
     """Recheck every artifact of the run against artifacts/<run>/manifest.json (size and sha256); with --golden,
     against the published hashes too, naming the first artifact that differs."""
     cfg = load(c, config, set_)
@@ -249,9 +274,16 @@ def verify(c: Context, config: str | None = None, set_: list[str] | None = None,
     config_path = config or c.finetune.config
     path = manifest.golden_path(config_path)
     if update:
-        summary = json.loads((layout.stage_dir(run_dir, "train") / layout.SUMMARY).read_text(encoding="utf-8"))
-        published = manifest.write_golden(path, config_path, cfg.model_dump(mode="json"), run_dir, summary.get("numerics"))
-        print(f"verify: published the hashes of {len(published['files'])} files to {path}")
+        numerics = json.loads((layout.stage_dir(run_dir, "train") / layout.SUMMARY).read_text(encoding="utf-8")).get(
+            "numerics")
+        if other_machine:
+            record = manifest.add_other_machine(path, run_dir, numerics)
+            print(f"verify: recorded the hashes of {len(record['files'])} files as {record['made_on']['cpu']}'s "
+                  f"in {path}")
+            return
+        published = manifest.write_golden(path, config_path, cfg.model_dump(mode="json"), run_dir, numerics)
+        print(f"verify: published the hashes of {len(published['files'])} files to {path} (other machines' records "
+              "dropped: make them again with --update --other-machine on such a machine)")
         return
     if not path.is_file():
         raise Exit(f"verify: no published hashes for {config_path} ({path}); they exist for "
@@ -259,7 +291,13 @@ def verify(c: Context, config: str | None = None, set_: list[str] | None = None,
     published = json.loads(path.read_text(encoding="utf-8"))
     if (why := manifest.config_difference(published, cfg.model_dump(mode="json"))) is not None:
         raise Exit(f"verify: {why}", code=2)
-    if problems := manifest.compare_golden(published, run_dir):
+    if (problems := manifest.compare_golden(published, run_dir)) and (other := manifest.matching_machine(
+            published, run_dir)) is not None:
+        print(f"verify: all {len(other['files'])} hashes match those published for {other['made_on']['cpu']} "
+              f"({path}, other_machines), not the reference machine's ({published['made_on']['cpu']}): a known "
+              "difference between these CPU classes (README: Reproducibility)")
+        return
+    if problems:
         for p in problems:
             print(f"verify: {p}", file=sys.stderr)
         raise Exit(f"verify: {len(problems)} of {len(published['files'])} artifacts differ from the published hashes "
@@ -299,6 +337,9 @@ def export(c: Context, config: str | None = None, set_: list[str] | None = None)
 def stop(c: Context, config: str | None = None, set_: list[str] | None = None) -> None:
     """Stop and remove the run's serve container (the model store volume stays)."""
     cfg = load(c, config, set_)
+    if is_native(c):
+        print(f"stop: the native Ollama of {cfg.run} {'stopped' if native.stop(cfg) else 'was not running'}")
+        return
     name = serve_stage.container_name(cfg)
     print(f"stop: {name} {'removed' if serve_stage.stop(cfg) else 'was not running'}")
 
@@ -315,6 +356,46 @@ def run_stage(image: str, cfg: RunConfig, mounts: list[containers.Mount], name: 
                                   name=layout.container_name(name, cfg.run), **kwargs)
         except containers.ContainerError as e:
             raise Exit(f"{name}: {e}", code=1) from e
+
+
+NATIVE = "native"  # the "image" of a stage that the native runner runs
+RUNNERS = ("docker", NATIVE)
+_native: list[native.Environment] = []  # built or found once per invoke
+
+
+def is_native(c: Context) -> bool:
+    """Whether finetune.runner (INVOKE_FINETUNE_RUNNER) is native: the stages in the host's Python."""
+    if c.finetune.runner not in RUNNERS:
+        raise Exit(f"finetune.runner={c.finetune.runner!r}: use docker (the stage images) or native (the host's "
+                   "Python: Colab, a Mac, a cluster without Docker), e.g. INVOKE_FINETUNE_RUNNER=native", code=2)
+    return c.finetune.runner == NATIVE
+
+
+def native_environment(c: Context) -> native.Environment:
+    if not _native:
+        try:
+            _native.append(native.environment(c.finetune.native_python))
+        except native.NativeError as e:
+            raise Exit(f"native: {e}", code=2) from e
+    return _native[0]
+
+
+def stage_attrs(c: Context, stage: str, image: str) -> dict:
+    """The stage image's attrs for its cache key and the manifest; for the native runner their equivalent:
+    the environment and the stage's code (train, convert), the host's Ollama binary (serve)."""
+    if image != NATIVE:
+        return containers.client().images.get(image).attrs
+    if stage == "serve":
+        return native.ollama_attrs(native.ollama_binary(c.finetune.ollama))
+    return native.image_attrs(native_environment(c), stage)
+
+
+def run_native_stage(c: Context, stage: str, cfg: RunConfig, run_dir: Path, env: dict[str, str] | None = None) -> int:
+    """Run a stage in the native environment on the resolved config."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as resolved:
+        resolved.write(to_yaml(cfg))
+        resolved.flush()
+        return native.run_stage(native_environment(c), stage, Path(resolved.name), run_dir, cfg, env)
 
 
 def load(c: Context, config: str | None, overrides: list[str] | None) -> RunConfig:
@@ -371,7 +452,10 @@ def check_one_run(argv: list[str]) -> None:
 def stage_image(c: Context, stage: str, context: str = ".", tag: str | None = None) -> str:
     """Build Dockerfile.<stage> as finetune-<stage>:latest (the layer cache makes an unchanged build fast),
     FROM the local base image (serve: the Ollama built from source) when `local_base_reason` gives one.
-    (`context` and `tag`: a test builds a copy of the tree.)"""
+    (`context` and `tag`: a test builds a copy of the tree.) With the native runner: NATIVE, nothing built."""
+    if is_native(c):
+        native_environment(c)  # built on first use, before any stage work
+        return NATIVE
     args = {}
     if (why := local_base_reason(c, stage)) is not None:
         try:
@@ -459,6 +543,8 @@ def ollama(c: Context, force: bool = False) -> None:
 def families(c: Context, case: list[str] | None = None) -> None:
     """Prove each chat-template family end to end: a tiny model with the family's real vocabulary and
     template, trained, converted and served; prompts and token ids compared (finetune/evaluation/families.py)."""
+    if is_native(c):
+        raise Exit("families: works with the stage images only (finetune.runner=docker)", code=2)
     names = [x.name for x in (*CASES, *PROMPT_CASES)]
     unknown = sorted(set(case or ()) - set(names))
     if unknown:
@@ -522,5 +608,10 @@ ns.configure({
         "ollama_image": layout.OLLAMA_IMAGE,
         # Redo every stage even when up to date (INVOKE_FINETUNE_FORCE=1); one stage: its --force.
         "force": False,
+        # Where the stages run: docker (their images) or native (the host's Python, INVOKE_FINETUNE_RUNNER=native;
+        # finetune/host/native.py), with native_python's venv and the `ollama` binary found as `ollama`.
+        "runner": "docker",
+        "native_python": "python3",
+        "ollama": "ollama",
     },
 })

@@ -11,7 +11,7 @@
 set -eu
 MODELS_FILE=${MODELS_FILE:-/artifacts/serve/models}
 READY_WAIT_S=${READY_WAIT_S:-60}
-READY_FILE=/tmp/finetune-serve.ready
+READY_FILE=${READY_FILE:-/tmp/finetune-serve.ready}  # the native runner keeps one per run
 
 models() {
     grep -v '^[[:space:]]*\(#\|$\)' "$MODELS_FILE"

@@ -80,7 +80,7 @@ def test_fsdp2_on_cpu_processes_is_refused_rather_than_trained_as_ddp(monkeypatc
     monkeypatch.delenv(layout.NODE_RANK_ENV, raising=False)
     w = launch.world(distributed(processes=2, strategy="fsdp2"))
     with pytest.raises(sft.TrainError, match="fsdp2 needs CUDA GPUs: .* on CPU use zero3"):
-        sft.strategy_kwargs(w, "cpu")
+        sft.check_strategy(w, "cpu")
 
 
 def test_deepspeed_configs_take_batch_accumulation_clipping_and_precision_from_the_run():

@@ -78,4 +78,23 @@ def test_offline_default_matches_the_published_hashes(trained_run):
     finally:
         invoke("stop", *sets(trained_run, *overrides))
     assert done.returncode == 0, output(done)
-    assert "published hashes match (golden/tiny-ja.json)" in done.stdout
+    # the reference machine's bytes, or those recorded for this CPU class (other_machines: README, Reproducibility)
+    assert ("published hashes match (golden/tiny-ja.json)" in done.stdout
+            or "hashes match those published for" in done.stdout), done.stdout
+
+
+def test_another_cpu_classs_hashes_are_recorded_beside_the_reference_and_matched_whole(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run, {"files": dict.fromkeys(["train/merged/model.safetensors", "serve/Modelfile"])})
+    path = tmp_path / "golden.json"
+    reference = {"config": "configs/tiny-ja.yaml", "made_on": {"cpu": "reference"}, "files": {
+        "train/merged/model.safetensors": "0" * 64, "serve/Modelfile": "0" * 64}}
+    path.write_text(json.dumps(reference))
+    assert manifest.matching_machine(reference, run) is None
+    record = manifest.add_other_machine(path, run, {"cpu_capability": "AVX2"})
+    manifest.add_other_machine(path, run, {"cpu_capability": "AVX2"})  # the same CPU again: replaced, not added
+    golden = json.loads(path.read_text())
+    assert golden["other_machines"] == [record] and golden["files"] == reference["files"]
+    assert manifest.compare_golden(golden, run) and manifest.matching_machine(golden, run) == record
+    (run / "serve" / "Modelfile").write_text("changed")  # one file off: no class matches
+    assert manifest.matching_machine(golden, run) is None

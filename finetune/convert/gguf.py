@@ -369,12 +369,13 @@ def convert(config: RunConfig, out: Path) -> Path:
 
 
 def base_gguf(base: Path, work: Path, config: RunConfig, description: str, fmt: dict,
-              cache: Path = Path(layout.BASE_GGUF_CACHE_MOUNT)) -> Path:
+              cache: Path = Path(os.environ.get("FINETUNE_BASE_GGUF_CACHE", layout.BASE_GGUF_CACHE_MOUNT))) -> Path:
     """The base model as a GGUF of the served quant type: what the prompt-engineering baseline serves.
 
     It depends only on the base model (train/base/: weights, tokenizer, the chat template trained with),
     the pinned llama.cpp, the types and the description, not on the run: so it is made once per such key
-    into `cache` (the host's artifacts/.cache/base-gguf/, which `invoke convert` mounts) and copied from
+    into `cache` (the host's artifacts/.cache/base-gguf/, which `invoke convert` mounts, or names in
+    FINETUNE_BASE_GGUF_CACHE for a native run) and copied from
     there by every later run, after its sha256 is checked against the one recorded when it was made."""
     c, quant = config.convert, config.serve.quant
     full, target = work / layout.base_gguf(c.outtype), work / layout.base_gguf(quant)

@@ -49,7 +49,8 @@ LOCKED_PACKAGES = {
 
 
 def stage_record(stage: str, image_attrs: dict, started: float, ended: float, run_dir: Path) -> dict:
-    """What the stamp and the manifest say about one stage run besides its inputs; for train also the
+    """What the stamp and the manifest say about one stage run besides its inputs (for a native run, that it
+    was native, its Python, packages and, for train, device and precision); for train also the
     numerical pin it ran under (CPU kernels, MKL path, threads: finetune/train/numerics.py) and its processes
     (strategy, nodes, world size, effective batch: finetune/train/launch.py), from summary.json."""
     record = {
@@ -59,9 +60,13 @@ def stage_record(stage: str, image_attrs: dict, started: float, ended: float, ru
         "started": _iso(started), "ended": _iso(ended), "seconds": round(ended - started, 1),
         "host": host(),
     }
+    if "Native" in image_attrs:  # the native runner (finetune/host/native.py): no image, the host's Python
+        record["runner"] = {"native": True, **image_attrs["Native"]}
     if stage == "train" and (summary := layout.stage_dir(run_dir, "train") / layout.SUMMARY).is_file():
         summary = json.loads(summary.read_text(encoding="utf-8"))
         record |= {"numerics": summary.get("numerics"), "distributed": summary.get("distributed")}
+        if "runner" in record:
+            record["runner"] |= {"device": summary.get("device"), "precision": summary.get("precision")}
     return record
 
 
@@ -188,10 +193,32 @@ def write_golden(path: Path, config_path: str, config: dict, run_dir: Path, nume
         "made_with": numerics or {},
         "artifact_config": artifact_config(config),
         "files": golden_files(run_dir),
-    }
+    }  # other machines' records are dropped: made from the old artifacts, they must be made again
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(golden, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return golden
+
+
+def add_other_machine(path: Path, run_dir: Path, numerics: dict | None) -> dict:
+    """Record run_dir's hashes in the published file as another CPU class's (`other_machines`), beside the
+    reference machine's, replacing an earlier record of the same CPU model; return the record.
+
+    For a CPU on which the pinned training gives other bytes than the reference machine's, with the cause not
+    found yet (README, "Reproducibility"): CI on such a machine then proves that its class reproduces, while
+    the difference stays written down rather than hidden."""
+    golden = json.loads(path.read_text(encoding="utf-8"))
+    record = {"made_on": {"cpu": host()["cpu"], "avx512": "avx512f" in cpu_flags()}, "made_with": numerics or {},
+              "files": golden_files(run_dir)}
+    others = [m for m in golden.get("other_machines", []) if m["made_on"] != record["made_on"]]
+    golden["other_machines"] = [*others, record]
+    path.write_text(json.dumps(golden, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return record
+
+
+def matching_machine(golden: dict, run_dir: Path) -> dict | None:
+    """The `other_machines` record whose hashes run_dir's artifacts match exactly, or None."""
+    found = golden_files(run_dir)
+    return next((m for m in golden.get("other_machines", []) if m["files"] == found), None)
 
 
 def config_difference(golden: dict, config: dict) -> str | None:

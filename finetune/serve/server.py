@@ -7,6 +7,8 @@ Ollama's model store in the volume finetune-ollama-models and publishes the API 
 also the one readiness rule: `finetune-serve health` (the image's HEALTHCHECK), which `ready` runs at once
 instead of waiting for the check's next interval. `start` returns when the container is ready, or raises
 with the container's log; `ensure_running` then has Ollama render the trained prompts (`check_prompts`).
+The native runner serves with the host's `ollama` through the same entrypoint (`ensure_running_native`,
+finetune/host/native.py), and the same checks.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from docker.errors import APIError, NotFound
 
 from finetune.core import layout
 from finetune.core.config import RunConfig
-from finetune.host import containers
+from finetune.host import containers, native
 from finetune.serve.modelfiles import ListedModel, ServeError, other_quants, read_models, trained_format
 
 CONTAINER_PORT = "11434/tcp"
@@ -69,6 +71,25 @@ def ensure_running(config: RunConfig, run_dir: Path, image: str, key: str) -> Se
     print(f"serve: Ollama renders the {compared} trained probe prompts of {config.serve.model_name} "
           "identically (convert/chat.json)", flush=True)
     return served
+
+
+def ensure_running_native(config: RunConfig, run_dir: Path, ollama: Path, key: str) -> Served:
+    """`ensure_running` for the native runner: the host's `ollama` serving the run's models (the running one
+    when it serves stage key `key` and is ready), once it renders the trained probe prompts identically."""
+    models = [m.name for m in read_models(run_dir)]
+    record = native.serving(config)
+    if record is not None and record["key"] == key and native.ready(config, run_dir, ollama):
+        print(f"serve: the native Ollama (pid {record['pid']}) is up to date and ready")
+        return Served(url(config), models, f"native, pid {record['pid']}", ollama_version(config))
+    record = native.start(config, run_dir, ollama, key)
+    try:
+        compared = check_prompts(config, run_dir)
+    except ServeError:
+        native.stop(config)
+        raise
+    print(f"serve: Ollama renders the {compared} trained probe prompts of {config.serve.model_name} "
+          "identically (convert/chat.json)", flush=True)
+    return Served(url(config), models, f"native, pid {record['pid']}, log {record['log']}", ollama_version(config))
 
 
 def ollama_version(config: RunConfig) -> str:
@@ -159,6 +180,12 @@ def create_other_quant(config: RunConfig, quant: str) -> ListedModel:
     """Create the fine-tuned model at another built type in the running serve container, through the
     entrypoint that creates the served ones; return it."""
     model = other_quants(config)[quant]
+    if native.serving(config) is not None:
+        try:
+            native.create(config, layout.run_dir(config.run), model.name, model.modelfile, model.gguf)
+        except native.NativeError as e:
+            raise ServeError(str(e)) from e
+        return model
     try:
         container = containers.client().containers.get(container_name(config))
     except NotFound:

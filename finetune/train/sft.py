@@ -53,21 +53,30 @@ def tokenize(examples, tokenizer, fmt: chat.ChatFormat, assistant_only: bool) ->
     return {"input_ids": ids, "assistant_masks": masks}
 
 
-def pick_device(config: RunConfig) -> tuple[str, str]:
-    """(device, method) for this host; QLoRA without CUDA fails here unless the config allows LoRA instead."""
+def pick_device(config: RunConfig, processes: int = 1) -> tuple[str, str]:
+    """(device, method) for this host: CUDA, then Apple's MPS (a Mac, with the native runner), then CPU. QLoRA
+    needs CUDA (bitsandbytes 4-bit): elsewhere it fails here unless the config allows LoRA instead."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        device = "cuda"
+    elif torch.backends.mps.is_available() and processes == 1:  # one GPU per Mac: MPS has no process groups
+        device = "mps"
+    else:
+        device = "cpu"
     method = config.train.method
-    if method == "qlora" and device == "cpu":
+    if method == "qlora" and device != "cuda":
         if not config.train.cpu_fallback:
-            raise TrainError("train.method is qlora, which needs a CUDA GPU (bitsandbytes 4-bit), and none is "
-                             "visible; run on a GPU host, or set train.method=lora (or train.cpu_fallback=true)")
+            raise TrainError(f"train.method is qlora, which needs a CUDA GPU (bitsandbytes 4-bit), and this "
+                             f"{'Mac has MPS' if device == 'mps' else 'host has none'}; run on a CUDA host, or set "
+                             "train.method=lora (or train.cpu_fallback=true, which trains LoRA instead)")
         method = "lora"
     return device, method
 
 
 def precision(config: RunConfig, device: str) -> str:
+    """The training precision: auto is bf16 on a CUDA GPU that has it, else fp32; on MPS too, where half
+    precision is the user's explicit choice (not run here: no Mac; bf16 there needs macOS 14)."""
     import torch
 
     wanted = config.train.precision
@@ -75,6 +84,8 @@ def precision(config: RunConfig, device: str) -> str:
         return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if wanted in ("bf16", "fp16") and device == "cpu":
         raise TrainError(f"train.precision={wanted} needs a GPU here; use fp32 or auto on CPU")
+    if wanted == "bf16" and device == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise TrainError("train.precision=bf16 on Apple's MPS needs macOS 14 or newer; use fp16, fp32 or auto")
     return wanted
 
 
@@ -111,7 +122,7 @@ def load_model(source: str, config: RunConfig, method: str, dtype_name: str, wor
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     kwargs = pinned(config)
     if method == "qlora":
-        shards_weights = world is not None and world.size > 1 and world.strategy in SHARDED_WEIGHTS
+        shards_weights = world is not None and world.strategy in SHARDED_WEIGHTS  # "none" for one process
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
             # ZeRO-3 and FSDP shard only floating-point tensors: the 4-bit weights are stored in the compute dtype
@@ -161,8 +172,7 @@ def strategy_kwargs(world: launch.World, device: str) -> dict:
     if world.strategy in ("zero2", "zero3"):
         join_deepspeed(backend["ddp_backend"])
         return backend | {"deepspeed": json.loads((DEEPSPEED_CONFIGS / f"{world.strategy}.json").read_text())}
-    if world.strategy == "fsdp2":
-        check_strategy(world, device)
+    if world.strategy == "fsdp2":  # train() refused it on CPU processes already (check_strategy)
         return backend | {"fsdp": True, "fsdp_config": {
             "version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}}
@@ -237,7 +247,7 @@ def train(config: RunConfig, out: Path) -> Path | None:
     from finetune.train.metrics import MetricsCallback, peak_memory_mb, plot_loss
 
     clock.lap("imports")
-    device, method = pick_device(config)
+    device, method = pick_device(config, world.size)
     check_strategy(world, device)
     dtype_name = precision(config, device)
     group = launch.Group(world, device)
@@ -341,8 +351,8 @@ def train(config: RunConfig, out: Path) -> Path | None:
     clock.lap("eval after")
     # ZeRO-3 and FSDP2 hold shards of the weights: every process takes part in gathering them for rank 0
     gathered = (trainer.accelerator.get_state_dict(trainer.model_wrapped)
-                if world.size > 1 and world.strategy in SHARDED_WEIGHTS else None)
-    if gathered is not None and world.strategy == "zero3":
+                if world.strategy in SHARDED_WEIGHTS else None)  # "none" for one process
+    if world.strategy == "zero3":
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # the merge loads the base whole, in rank 0 alone, not sharded by ZeRO-3
