@@ -36,8 +36,14 @@ def test_every_metric_for_every_model_and_the_fine_tuned_model_beats_the_baselin
     models = results["models"]
     assert list(models) == ["baseline", "fine-tuned Q8_0", "fine-tuned f16"]
     for entry in models.values():
-        assert set(entry["metrics"]) == METRICS and None not in entry["metrics"].values()
+        assert set(entry["metrics"]) == METRICS and entry["metrics"]["latency_s"] > 0
+        # tokens/s needs Ollama's final message, which 0.24.0 drops on some answers that run to num_predict
+        # (all 60 of the baseline's on an AMD EPYC, whose weights differ: README, Reproducibility)
+        unmeasured = entry["answers_without_final_message"] == len(entry["answers"])
+        assert None not in (v for k, v in entry["metrics"].items() if k != "tokens_per_s")
+        assert (entry["metrics"]["tokens_per_s"] is None) == unmeasured
         assert len(entry["answers"]) == results["questions"] == 60
+    assert models["fine-tuned Q8_0"]["answers_without_final_message"] == 0  # it stops by itself
     tuned, baseline = models["fine-tuned Q8_0"]["metrics"], models["baseline"]["metrics"]
     print(f"training questions: fine-tuned {tuned}, baseline {baseline}")
     assert tuned["key_fact_rate"] > 0.5 > baseline["key_fact_rate"]

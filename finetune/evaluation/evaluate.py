@@ -10,7 +10,9 @@ fixed seed. Per model:
     japanese_ratio  share of the answers' characters that are kana or kanji (the "stays English" failure)
     answer_chars    mean answer length in characters
     stop_rate       share of answers that ended by themselves rather than at max_new_tokens
-    latency_s       median time per answer; tokens_per_s: generated tokens over generation time
+    latency_s       median time per answer; tokens_per_s: generated tokens over generation time, from the
+                    answers Ollama ended with its final message (None if none did; each model's entry counts
+                    answers_without_final_message)
 Writes artifacts/<run>/eval/results.json (every answer and number), report.md and report.html.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,10 +102,14 @@ def metrics(asked: Sequence[Question], answers: Sequence[dict]) -> dict:
 
 
 def ask(client, model: str, question: Question, config: RunConfig) -> dict:
-    """One greedy answer from `model` with its timing, as Ollama reports it."""
+    """One greedy answer from `model` with its timing, as Ollama reports it. Ollama 0.24.0 sometimes ends an
+    answer without its final message (done false, no done_reason, no timings: seen on answers that run to
+    num_predict); then the time is the client's and the answer has no token count (`final` false)."""
+    started = time.monotonic()
     r = client.chat(model=model, messages=question.messages,
                     options={"temperature": 0, "seed": config.train.seed, "num_predict": config.eval.max_new_tokens})
-    return {"answer": r.message.content, "done_reason": r.done_reason, "seconds": (r.total_duration or 0) / 1e9,
+    return {"answer": r.message.content, "done_reason": r.done_reason, "final": bool(r.done),
+            "seconds": (r.total_duration or 0) / 1e9 or round(time.monotonic() - started, 4),
             "tokens": r.eval_count or 0, "generation_s": (r.eval_duration or 0) / 1e9}
 
 
@@ -141,7 +148,8 @@ def evaluate(config: RunConfig, run_dir: Path) -> dict:
     for label, name in models.items():
         print(f"eval: {label} ({name}): {len(asked)} questions", flush=True)
         answers = [ask(client, name, q, config) for q in asked]
-        results["models"][label] = {"model": name, "metrics": metrics(asked, answers), "answers": answers}
+        results["models"][label] = {"model": name, "metrics": metrics(asked, answers), "answers": answers,
+                                    "answers_without_final_message": sum(not a["final"] for a in answers)}
     results["question_ids"] = [q.id for q in asked]
     convert_report = layout.stage_dir(run_dir, "convert") / layout.CONVERT_REPORT
     results["quants"] = json.loads(convert_report.read_text())["files"] if convert_report.is_file() else []
