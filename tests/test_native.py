@@ -211,7 +211,7 @@ def test_a_mac_trains_lora_on_mps_with_qlora_falling_back_only_when_allowed(trai
                                       {str(ROOT / "configs"): {"bind": "/work/configs", "mode": "ro"}}))
     assert found["lora"] == ["mps", "lora"]
     assert found["qlora"].startswith("TrainError: train.method is qlora, which needs a CUDA GPU (bitsandbytes 4-bit), "
-                                     "and this Mac has MPS")
+                                     "and this Mac has MPS only")
     assert found["qlora_fallback"] == ["mps", "lora"]
     assert found["two_processes"] == ["cpu", "lora"]  # MPS has no process groups
     assert found["auto"] == "fp32" and found["fp16"] == "fp16"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 
 from finetune.bench.common import BenchError, Row, Session, remove_volume
@@ -97,27 +98,19 @@ def generation(b: Session, config: RunConfig) -> None:
     client = ollama.Client(host=server.url(config))
     # The baseline when there is one: same architecture and size as the fine-tuned model, and its answers
     # run on (a toy trained for bench.train_steps ends its answers after a few tokens, too few to time).
-    model, gguf = config.serve.model_name, layout.model_gguf(config.serve.quant)
+    # Ollama 0.24.0 drops the final message (and timings) of some runaway answers, and of all the baseline's
+    # on an AMD EPYC whose weights differ (README, Reproducibility); then the fine-tuned model is timed.
+    candidates = [(config.serve.model_name, layout.model_gguf(config.serve.quant))]
     if config.serve.baseline:
-        model, gguf = layout.baseline_name(model), layout.base_gguf(config.serve.quant)
-    client.chat(model=model, messages=[{"role": "user", "content": questions[0]}], options=options)  # load it
-    samples, incomplete = [], 0
-    for _ in range(b.repeats):
-        for question in questions:
-            started, first, last = time.perf_counter(), None, None
-            for part in client.chat(model=model, messages=[{"role": "user", "content": question}],
-                                    options=options, stream=True):
-                if first is None and part.message.content:
-                    first = time.perf_counter()
-                last = part
-            if last is None or not last.done:  # Ollama 0.24.0 sometimes closes a stream without its
-                incomplete += 1                # final message (and timings); seen on runaway answers
-                continue
-            samples.append({"ttft_ms": 1000 * ((first or time.perf_counter()) - started),
-                            "eval_count": last.eval_count, "eval_s": last.eval_duration / 1e9,
-                            "prompt_count": last.prompt_eval_count, "prompt_s": last.prompt_eval_duration / 1e9})
-    if not samples:
-        raise BenchError(f"none of {incomplete} answers from {model} ended with Ollama's timings")
+        candidates.insert(0, (layout.baseline_name(config.serve.model_name), layout.base_gguf(config.serve.quant)))
+    for model, gguf in candidates:
+        samples, incomplete = timed_answers(b, client, model, questions, options)
+        if samples:
+            break
+        print(f"bench: none of {incomplete} answers from {model} ended with Ollama's timings (its final message, "
+              "which Ollama 0.24.0 drops on some runaway answers)", file=sys.stderr, flush=True)
+    else:
+        raise BenchError(f"no answer from {' or '.join(m for m, _ in candidates)} ended with Ollama's timings")
     n_prompt = round(statistics.median(s["prompt_count"] for s in samples))
     n_gen = round(statistics.median(s["eval_count"] for s in samples))
     pp, tg = llama_bench(b, gguf, n_prompt, n_gen, threads)
@@ -137,6 +130,28 @@ def generation(b: Session, config: RunConfig) -> None:
     tg_median = statistics.median(tg)
     b.add(Row("serve", "time to first token (client side)", "ms", [s["ttft_ms"] for s in samples],
               "llama-bench: prompt eval + one token", [1000 * (n_prompt / x + 1 / tg_median) for x in pp]))
+
+
+def timed_answers(b: Session, client, model: str, questions: list[str], options: dict) -> tuple[list[dict], int]:
+    """Ollama's timings of `model`'s streamed answers, bench.repeats times each question (after one answer
+    that loads it), and how many answers ended without the final message that carries them."""
+    client.chat(model=model, messages=[{"role": "user", "content": questions[0]}], options=options)  # load it
+    samples, incomplete = [], 0
+    for _ in range(b.repeats):
+        for question in questions:
+            started, first, last = time.perf_counter(), None, None
+            for part in client.chat(model=model, messages=[{"role": "user", "content": question}],
+                                    options=options, stream=True):
+                if first is None and part.message.content:
+                    first = time.perf_counter()
+                last = part
+            if last is None or not last.done:  # Ollama 0.24.0 sometimes closes a stream without its
+                incomplete += 1                # final message (and timings); seen on runaway answers
+                continue
+            samples.append({"ttft_ms": 1000 * ((first or time.perf_counter()) - started),
+                            "eval_count": last.eval_count, "eval_s": last.eval_duration / 1e9,
+                            "prompt_count": last.prompt_eval_count, "prompt_s": last.prompt_eval_duration / 1e9})
+    return samples, incomplete
 
 
 def llama_bench(b: Session, gguf: str, n_prompt: int, n_gen: int, threads: int) -> tuple[list[float], list[float]]:

@@ -67,9 +67,9 @@ def pick_device(config: RunConfig, processes: int = 1) -> tuple[str, str]:
     method = config.train.method
     if method == "qlora" and device != "cuda":
         if not config.train.cpu_fallback:
-            raise TrainError(f"train.method is qlora, which needs a CUDA GPU (bitsandbytes 4-bit), and this "
-                             f"{'Mac has MPS' if device == 'mps' else 'host has none'}; run on a CUDA host, or set "
-                             "train.method=lora (or train.cpu_fallback=true, which trains LoRA instead)")
+            raise TrainError("train.method is qlora, which needs a CUDA GPU (bitsandbytes 4-bit), and "
+                             f"{'this Mac has MPS only' if device == 'mps' else 'none is visible'}; run on a GPU host, "
+                             "or set train.method=lora (or train.cpu_fallback=true)")
         method = "lora"
     return device, method
 
