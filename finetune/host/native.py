@@ -213,10 +213,11 @@ def image_attrs(env: Environment, stage: str, root: Path = Path(".")) -> dict:
     code = {str(p.relative_to(root)): file_sha256(p) for folder in ("finetune/core", f"finetune/{stage}")
             for p in sorted((root / folder).rglob("*.py"))}
     digest = hashlib.sha256(json.dumps({"environment": env.key, "code": code}, sort_keys=True).encode()).hexdigest()
+    record = env.record()
     return {"Id": f"native:{digest}", "RepoTags": [], "RepoDigests": [],
             "Config": {"Env": [f"LLAMA_CPP_COMMIT={LLAMA_CPP_COMMIT}"], "Labels": {}},
-            "Native": {"environment": str(env.root), "python": env.record()["python"],
-                       "platform": env.record()["platform"], "packages": env.record()["packages"]}}
+            "Native": {"environment": str(env.root), "python": record["python"], "platform": record["platform"],
+                       "packages": record["packages"]}}
 
 
 def run_stage(env: Environment, stage: str, config_file: Path, run_dir: Path, config: RunConfig,
