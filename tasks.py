@@ -16,6 +16,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke verify --golden         # ... and against the published hashes (golden/): same bytes everywhere
     ./invoke families                # each chat-template family trained, converted, served and compared
     ./invoke images.ollama           # Ollama built from pinned source, for machines without a registry
+    ./invoke images.ollama --release 0.34.3   # the newest Ollama, to try a bundle on (tests/test_serve.py)
     ./invoke test                    # the test suite, as CI runs it
 
 Defaults live in one place (`ns.configure` below) and can be changed in invoke.yaml or with environment
@@ -26,11 +27,13 @@ cluster without Docker: finetune/host/native.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
@@ -344,13 +347,20 @@ def stop(c: Context, config: str | None = None, set_: list[str] | None = None) -
     print(f"stop: {name} {'removed' if serve_stage.stop(cfg) else 'was not running'}")
 
 
-def run_stage(image: str, cfg: RunConfig, mounts: list[containers.Mount], name: str, **kwargs) -> int:
-    """Run a stage image on the resolved config (mounted at /work/run.yaml) and the config's data files."""
+@contextlib.contextmanager
+def resolved_config(cfg: RunConfig) -> Iterator[Path]:
+    """The resolved config as a temporary YAML file, readable by a container's non-root user."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as resolved:
         resolved.write(to_yaml(cfg))
         resolved.flush()
-        os.chmod(resolved.name, 0o644)  # readable by the container's non-root user
-        mounts = [containers.Mount(Path(resolved.name), layout.CONTAINER_CONFIG), *containers.data_mounts(cfg), *mounts]
+        os.chmod(resolved.name, 0o644)
+        yield Path(resolved.name)
+
+
+def run_stage(image: str, cfg: RunConfig, mounts: list[containers.Mount], name: str, **kwargs) -> int:
+    """Run a stage image on the resolved config (mounted at /work/run.yaml) and the config's data files."""
+    with resolved_config(cfg) as resolved:
+        mounts = [containers.Mount(resolved, layout.CONTAINER_CONFIG), *containers.data_mounts(cfg), *mounts]
         try:
             return containers.run(image, ["--config", layout.CONTAINER_CONFIG, "--out", layout.CONTAINER_RUN_DIR], mounts,
                                   name=layout.container_name(name, cfg.run), **kwargs)
@@ -392,10 +402,8 @@ def stage_attrs(c: Context, stage: str, image: str) -> dict:
 
 def run_native_stage(c: Context, stage: str, cfg: RunConfig, run_dir: Path, env: dict[str, str] | None = None) -> int:
     """Run a stage in the native environment on the resolved config."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as resolved:
-        resolved.write(to_yaml(cfg))
-        resolved.flush()
-        return native.run_stage(native_environment(c), stage, Path(resolved.name), run_dir, cfg, env)
+    with resolved_config(cfg) as resolved:
+        return native.run_stage(native_environment(c), stage, resolved, run_dir, cfg, env)
 
 
 def load(c: Context, config: str | None, overrides: list[str] | None) -> RunConfig:
@@ -523,16 +531,22 @@ def base(c: Context, tag: str | None = None, mirror: str | None = None, force: b
         raise Exit(f"images.base: {e}") from e
 
 
-@task(help={"force": "rebuild even if the image exists"})
-def ollama(c: Context, force: bool = False) -> None:
-    """Build Ollama from its pinned Go module sources on the local base image (Dockerfile.ollama)."""
-    tag = c.finetune.ollama_image
+@task(help={"force": "rebuild even if the image exists",
+            "release": f"which Ollama release: {', '.join(layout.OLLAMA_RELEASES)} (default: the serve image's)"})
+def ollama(c: Context, force: bool = False, release: str = "") -> None:
+    """Build Ollama from its pinned Go module sources on the local base image (Dockerfile.ollama; a newer
+    release, for trying a bundle on it: Dockerfile.ollama-0.34)."""
+    tag = c.finetune.ollama_image if not release else layout.ollama_image(release)
+    if release and release not in layout.OLLAMA_RELEASES:
+        raise Exit(f"images.ollama: no Dockerfile builds Ollama {release}; these do: "
+                   f"{', '.join(f'{r} ({d})' for r, d in layout.OLLAMA_RELEASES.items())}")
     if containers.image_exists(tag) and not force:
         print(f"images.ollama: {tag} exists (use --force to rebuild)")
         return
     base(c)
     try:
-        containers.build("Dockerfile.ollama", tag, {"BASE_IMAGE": c.finetune.base_image})
+        containers.build(layout.OLLAMA_RELEASES.get(release, "Dockerfile.ollama"), tag,
+                         {"BASE_IMAGE": c.finetune.base_image})
     except containers.ContainerError as e:
         raise Exit(f"images.ollama: {e}") from e
     print(f"images.ollama: {tag} built")

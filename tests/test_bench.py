@@ -11,6 +11,7 @@ import pytest
 from support import ROOT, invoke, output
 
 from finetune import bench
+from finetune.core import layout
 from finetune.core.config import load_config
 from finetune.host import containers
 from finetune.train.sft import lora_kwargs, sft_kwargs
@@ -90,6 +91,12 @@ def test_bench_measures_every_stage_beside_its_baseline(tmp_path):
     assert {"convert_hf_to_gguf", "llama-quantize", *checks} <= set(results["profiles"]["convert"])
     serve = results["details"]["serve"]
     assert serve["generated_tokens"] > 0 and len(serve["llama_bench"]["tg"]) >= 3
+    # Timed on the newest Ollama where that image is built (tests/test_serve.py): a row, or why not
+    newest = ("serve", f"generation tokens/s, {serve['model']} on Ollama {layout.OLLAMA_NEWEST} (llama-server)")
+    if containers.image_exists(layout.ollama_image(layout.OLLAMA_NEWEST)):
+        assert (newest in rows) != ("untimed" in serve["ollama_newest"]), serve["ollama_newest"]
+    else:
+        assert newest not in rows and "ollama_newest" not in serve
     table = (tmp_path / "bench.md").read_text()
     assert "| stage | figure | ours: median (min-max) |" in table and "## Profile: convert" in table
     names = [c.name for c in containers.client().containers.list(all=True)]

@@ -3,11 +3,13 @@ Ollama's generation speed against llama-bench (the convert image's, same llama.c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 
 from finetune.bench.common import BenchError, Row, Session, remove_volume
 from finetune.core import data as datasets_
@@ -19,6 +21,7 @@ from finetune.serve.modelfiles import ListedModel, read_models
 
 QUESTIONS = 8  # distinct questions per repeat: consecutive requests never share more than the system prompt
 MAX_NEW_TOKENS = 128
+MIN_TIMED_TOKENS = 8  # an answer shorter than this has no meaningful tokens/s (0.34.3 reports 1 token in 1 µs)
 
 
 def run(b: Session) -> None:
@@ -56,16 +59,24 @@ def cold_start(b: Session, config: RunConfig) -> None:
 
 def plain_ollama_start(b: Session, config: RunConfig, image: str, models: list[ListedModel],
                        volume: str) -> float:
-    """`ollama serve` in the same image, polled every 0.1 s until it answers, then `ollama create` per
-    model: what a user does by hand. Seconds from `docker run` until the last model exists."""
+    """`ollama serve` in the same image then `ollama create` per model, what a user does by hand: seconds from
+    `docker run` until the last model exists."""
+    started = time.perf_counter()
+    with plain_ollama(b, config, image, models, server.volumes(b.run_dir.resolve(), volume)):
+        return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def plain_ollama(b: Session, config: RunConfig, image: str, models: list[ListedModel], volumes: dict,
+                 environment: dict | None = None) -> Iterator[None]:
+    """`ollama serve` in `image` on the serve port, polled every 0.1 s until it answers, then `ollama create`
+    per model in the mounted serve/; removed when the block ends."""
     engine = containers.client()
-    run_dir = b.run_dir.resolve()
     started = time.perf_counter()
     container = engine.containers.run(
         image, ["serve"], entrypoint=["ollama"], detach=True, name=layout.container_name("bench-ollama", config.run),
-        user=f"{containers.IMAGE_UID}:{containers.IMAGE_UID}",
-        ports={server.CONTAINER_PORT: ("127.0.0.1", config.serve.port)},
-        volumes=server.volumes(run_dir, volume))
+        user=f"{containers.IMAGE_UID}:{containers.IMAGE_UID}", environment=environment,
+        ports={server.CONTAINER_PORT: ("127.0.0.1", config.serve.port)}, volumes=volumes)
     try:
         while True:
             try:
@@ -73,14 +84,14 @@ def plain_ollama_start(b: Session, config: RunConfig, image: str, models: list[L
                 break
             except OSError:
                 if time.perf_counter() - started > server.HEALTHY_WITHIN_S:
-                    raise BenchError("plain ollama serve did not answer") from None
+                    raise BenchError(f"plain ollama serve ({image}) did not answer") from None
                 time.sleep(0.1)
         for m in models:
             code, output = container.exec_run(["ollama", "create", m.name, "-f", m.modelfile],
                                               workdir=f"{layout.CONTAINER_RUN_DIR}/serve")
             if code != 0:
                 raise BenchError(f"ollama create {m.name} failed: {output.decode(errors='replace')[-500:]}")
-        return time.perf_counter() - started
+        yield
     finally:
         container.remove(force=True)
 
@@ -98,7 +109,8 @@ def generation(b: Session, config: RunConfig) -> None:
     client = ollama.Client(host=server.url(config))
     # The baseline when there is one: same architecture and size as the fine-tuned model, and its answers
     # run on (a toy trained for bench.train_steps ends its answers after a few tokens, too few to time).
-    # Ollama 0.24.0 drops the final message (and timings) of some runaway answers, and of all the baseline's
+    # Ollama cuts short an answer that repeats one token (server.REPEAT_ABORT), without timings: some of the
+    # undertrained toy's, and all of the baseline's
     # on an AMD EPYC whose weights differ (README, Reproducibility); then the fine-tuned model is timed.
     candidates = [(config.serve.model_name, layout.model_gguf(config.serve.quant))]
     if config.serve.baseline:
@@ -108,7 +120,7 @@ def generation(b: Session, config: RunConfig) -> None:
         if samples:
             break
         print(f"bench: none of {incomplete} answers from {model} ended with Ollama's timings (its final message, "
-              "which Ollama 0.24.0 drops on some runaway answers)", file=sys.stderr, flush=True)
+              "which Ollama leaves out of an answer it cuts short for repeating one token)", file=sys.stderr, flush=True)
     else:
         raise BenchError(f"no answer from {' or '.join(m for m, _ in candidates)} ended with Ollama's timings")
     n_prompt = round(statistics.median(s["prompt_count"] for s in samples))
@@ -125,6 +137,7 @@ def generation(b: Session, config: RunConfig) -> None:
         f"Ollama {per_token(ollama_tps):.2f} ms, llama-bench {per_token(tg):.2f} ms: Ollama spends "
         f"{per_token(ollama_tps) - per_token(tg):.2f} ms more on each token ({gguf}; {same})")
     b.add(Row("serve", f"generation tokens/s, {model} (~{n_gen} tokens)", "tok/s", ollama_tps, same, tg, True))
+    newest_generation(b, config, model, questions, options, same, tg)
     b.add(Row("serve", f"prompt tokens/s (~{n_prompt} tokens)", "tok/s",
               [s["prompt_count"] / s["prompt_s"] for s in samples if s["prompt_s"] > 0], same, pp, True))
     tg_median = statistics.median(tg)
@@ -132,23 +145,54 @@ def generation(b: Session, config: RunConfig) -> None:
               "llama-bench: prompt eval + one token", [1000 * (n_prompt / x + 1 / tg_median) for x in pp]))
 
 
+def newest_generation(b: Session, config: RunConfig, model: str, questions: list[str], options: dict,
+                      same: str, tg: list[float]) -> None:
+    """The same model and questions on the newest Ollama (the llama-server generation, Dockerfile.ollama-0.34),
+    where that image is built: a row beside the serve image's, against the same llama-bench figures. Its
+    llama-server is llama.cpp b11063, llama-bench the convert image's older llama.cpp."""
+    import ollama
+
+    image = layout.ollama_image(layout.OLLAMA_NEWEST)
+    if not containers.image_exists(image):
+        print(f"bench: {image} not built, so no row for it (`invoke images.ollama --release "
+              f"{layout.OLLAMA_NEWEST}`)", flush=True)
+        return
+    server.stop(config)  # its port
+    listed = [m for m in read_models(b.run_dir) if m.name == model]
+    inputs = {k: v for k, v in server.volumes(b.run_dir.resolve()).items() if v["mode"] == "ro"}
+    with plain_ollama(b, config, image, listed, inputs, {"HOME": "/tmp", "OLLAMA_MODELS": "/tmp/models"}):
+        samples, incomplete = timed_answers(b, ollama.Client(host=server.url(config)), model, questions, options)
+    b.invoke(["serve"])
+    timed = [s for s in samples if s["eval_count"] >= MIN_TIMED_TOKENS]
+    b.details["serve"]["ollama_newest"] = {"image": image, "samples": samples,
+                                           "streams_without_final_message": incomplete}
+    if not timed:  # seen: the 20-step bench toy stops after 1 token on 0.34.3 where 0.24.0 runs to num_predict
+        b.details["serve"]["ollama_newest"]["untimed"] = (
+            f"no answer of {model} had {MIN_TIMED_TOKENS}+ tokens with timings on Ollama {layout.OLLAMA_NEWEST} "
+            f"({len(samples)} with timings, {incomplete} cut short)")
+        print(f"bench: {b.details['serve']['ollama_newest']['untimed']}: no row for it", flush=True)
+        return
+    b.add(Row("serve", f"generation tokens/s, {model} on Ollama {layout.OLLAMA_NEWEST} (llama-server)", "tok/s",
+              [s["eval_count"] / s["eval_s"] for s in timed], same, tg, True))
+
+
 def timed_answers(b: Session, client, model: str, questions: list[str], options: dict) -> tuple[list[dict], int]:
     """Ollama's timings of `model`'s streamed answers, bench.repeats times each question (after one answer
     that loads it), and how many answers ended without the final message that carries them."""
-    client.chat(model=model, messages=[{"role": "user", "content": questions[0]}], options=options)  # load it
+    server.stream_chat(client, model, [{"role": "user", "content": questions[0]}], options)  # loads it
     samples, incomplete = [], 0
     for _ in range(b.repeats):
         for question in questions:
-            started, first, last = time.perf_counter(), None, None
-            for part in client.chat(model=model, messages=[{"role": "user", "content": question}],
-                                    options=options, stream=True):
-                if first is None and part.message.content:
-                    first = time.perf_counter()
-                last = part
-            if last is None or not last.done:  # Ollama 0.24.0 sometimes closes a stream without its
-                incomplete += 1                # final message (and timings); seen on runaway answers
+            started, first = time.perf_counter(), []
+
+            def mark_first(piece: str) -> None:
+                if piece and not first:
+                    first.append(time.perf_counter())
+            _, last = server.stream_chat(client, model, [{"role": "user", "content": question}], options, mark_first)
+            if last is None:  # cut short by Ollama (server.REPEAT_ABORT): no timings
+                incomplete += 1
                 continue
-            samples.append({"ttft_ms": 1000 * ((first or time.perf_counter()) - started),
+            samples.append({"ttft_ms": 1000 * ((first or [time.perf_counter()])[0] - started),
                             "eval_count": last.eval_count, "eval_s": last.eval_duration / 1e9,
                             "prompt_count": last.prompt_eval_count, "prompt_s": last.prompt_eval_duration / 1e9})
     return samples, incomplete

@@ -102,13 +102,18 @@ def metrics(asked: Sequence[Question], answers: Sequence[dict]) -> dict:
 
 
 def ask(client, model: str, question: Question, config: RunConfig) -> dict:
-    """One greedy answer from `model` with its timing, as Ollama reports it. Ollama 0.24.0 sometimes ends an
-    answer without its final message (done false, no done_reason, no timings: seen on answers that run to
-    num_predict); then the time is the client's and the answer has no token count (`final` false)."""
+    """One greedy answer from `model` with its timing, as Ollama reports it. Where Ollama cuts an answer short
+    (server.stream_chat: 0.24.0 without its final message, newer releases with an error), the answer is what
+    it streamed until then, the time the client's, with no token count (`final` false)."""
+    from finetune.serve import server
+
     started = time.monotonic()
-    r = client.chat(model=model, messages=question.messages,
-                    options={"temperature": 0, "seed": config.train.seed, "num_predict": config.eval.max_new_tokens})
-    return {"answer": r.message.content, "done_reason": r.done_reason, "final": bool(r.done),
+    answer, r = server.stream_chat(client, model, question.messages, {
+        "temperature": 0, "seed": config.train.seed, "num_predict": config.eval.max_new_tokens})
+    if r is None:
+        return {"answer": answer, "done_reason": None, "final": False,
+                "seconds": round(time.monotonic() - started, 4), "tokens": 0, "generation_s": 0.0}
+    return {"answer": answer, "done_reason": r.done_reason, "final": True,
             "seconds": (r.total_duration or 0) / 1e9 or round(time.monotonic() - started, 4),
             "tokens": r.eval_count or 0, "generation_s": (r.eval_duration or 0) / 1e9}
 

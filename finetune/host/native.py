@@ -135,6 +135,9 @@ def environment(python: str = "python3") -> Environment:
         raise NativeError(f"{SDIST}'s CHANGELOG does not name llama.cpp {LLAMA_CPP_COMMIT}")
     perplexity = env.llama_cpp / "tools" / "perplexity" / "perplexity.cpp"
     text = perplexity.read_text(encoding="utf-8")
+    if PERPLEXITY_PATCH[0] not in text:  # as Dockerfile.convert's grep: the pinned source must take the patch
+        raise NativeError(f"{perplexity} has no `{PERPLEXITY_PATCH[0].strip()}` line to flush the log before; "
+                          f"is the {SDIST} sdist the pinned one?")
     perplexity.write_text(text.replace(*PERPLEXITY_PATCH, 1), encoding="utf-8")
     jobs = str(os.cpu_count() or 1)
     _step(log, "llama.cpp (configure)", ["cmake", "-S", str(env.llama_cpp), "-B", str(env.root / "build"),

@@ -17,8 +17,10 @@ import json
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from docker.errors import APIError, NotFound
 
@@ -207,22 +209,46 @@ def stop(config: RunConfig) -> bool:
     return True
 
 
+# Ollama cuts an answer short when the model repeats one token (spaces aside) over and over: 0.24.0 after 30
+# repeats, closing the stream without its final message (no done, no timings: its llm/server.go returns
+# ctx.Err(), nil); the llama-server releases (0.30+) after 100, ending the stream with this error.
+REPEAT_ABORT = "token repeat limit"
+
+
+def stream_chat(client, model: str, messages: list[dict], options: dict | None = None,
+                on_piece: Callable[[str], object] | None = None) -> tuple[str, Any]:
+    """`model`'s answer, streamed, and its final message (with done_reason and timings), or None where Ollama cut
+    the answer short (REPEAT_ABORT); the text streamed until then is the answer either way."""
+    import ollama
+
+    pieces, last = [], None
+    try:
+        for last in client.chat(model=model, messages=messages, options=options, stream=True):
+            pieces.append(last.message.content or "")
+            if on_piece is not None:
+                on_piece(pieces[-1])
+    except ollama.ResponseError as e:
+        if REPEAT_ABORT not in str(e.error):
+            raise
+        last = None
+    return "".join(pieces), last if last is not None and last.done else None
+
+
 def chat(config: RunConfig, question: str, baseline: bool = False, out=sys.stdout) -> str:
     """Ask the served model one question through the ollama client, streaming the answer to `out`."""
     import ollama
 
     model = layout.baseline_name(config.serve.model_name) if baseline else config.serve.model_name
-    answer = []
+
+    def show(piece: str) -> None:
+        out.write(piece)
+        out.flush()
     try:
-        for part in ollama.Client(host=url(config)).chat(model=model, stream=True,
-                                                         messages=[{"role": "user", "content": question}]):
-            piece = part["message"]["content"]
-            answer.append(piece)
-            out.write(piece)
-            out.flush()
+        answer, final = stream_chat(ollama.Client(host=url(config)), model,
+                                    [{"role": "user", "content": question}], on_piece=show)
     except ollama.ResponseError as e:
         raise ServeError(f"{model} at {url(config)}: {e.error}; is it served? (`invoke serve`)") from e
     except ConnectionError as e:
         raise ServeError(f"no Ollama answers at {url(config)}: start it with `invoke serve`") from e
-    out.write("\n")
-    return "".join(answer)
+    out.write("\n" if final is not None else "\n(Ollama cut this answer short)\n")
+    return answer
