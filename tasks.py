@@ -536,16 +536,16 @@ def base(c: Context, tag: str | None = None, mirror: str | None = None, force: b
 def ollama(c: Context, force: bool = False, release: str = "") -> None:
     """Build Ollama from its pinned Go module sources on the local base image (Dockerfile.ollama; a newer
     release, for trying a bundle on it: Dockerfile.ollama-0.34)."""
-    tag = c.finetune.ollama_image if not release else layout.ollama_image(release)
     if release and release not in layout.OLLAMA_RELEASES:
         raise Exit(f"images.ollama: no Dockerfile builds Ollama {release}; these do: "
                    f"{', '.join(f'{r} ({d})' for r, d in layout.OLLAMA_RELEASES.items())}")
+    tag = layout.ollama_image(release) if release else c.finetune.ollama_image
     if containers.image_exists(tag) and not force:
         print(f"images.ollama: {tag} exists (use --force to rebuild)")
         return
     base(c)
     try:
-        containers.build(layout.OLLAMA_RELEASES.get(release, "Dockerfile.ollama"), tag,
+        containers.build(layout.OLLAMA_RELEASES[release or layout.OLLAMA_SERVE_RELEASE], tag,
                          {"BASE_IMAGE": c.finetune.base_image})
     except containers.ContainerError as e:
         raise Exit(f"images.ollama: {e}") from e

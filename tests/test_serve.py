@@ -307,14 +307,13 @@ def test_the_bundle_answers_the_same_on_the_newest_ollama(exported):
     """The same bundle on Ollama's llama-server generation (v0.34.3, Dockerfile.ollama-0.34): `ollama
     create` takes it (no ADAPTER; the template is the Modelfile's, the GGUF carries the same one as Jinja)
     and the guide's question gets the served (v0.24.0) model's answer, token for token. Run as a non-root
-    user with its store in /tmp. Opt-in where that image is not built: it takes about 30 minutes on 2 cores."""
+    user (the image keeps its store in /tmp). Opt-in where that image is not built: it takes about 30 minutes on 2 cores."""
     if not containers.image_exists(NEWEST) and os.environ.get(NEWEST_OPT_IN) != "1":
         pytest.skip(f"{NEWEST} is not built: `./invoke images.ollama --release {layout.OLLAMA_NEWEST}`, "
                     f"or set {NEWEST_OPT_IN}=1 to have this test build it")
     done = invoke("images.ollama", "--release", layout.OLLAMA_NEWEST)
     assert done.returncode == 0, output(done)
     _, bundle, expected = exported
-    fresh = answer_on_a_fresh_ollama(NEWEST, bundle, user=containers.container_user(),
-                                     environment={"HOME": "/tmp", "OLLAMA_MODELS": "/tmp/models"})
+    fresh = answer_on_a_fresh_ollama(NEWEST, bundle, user=containers.container_user())
     print(fresh)
     assert fresh == expected and "14日以内" in expected

@@ -67,15 +67,15 @@ def plain_ollama_start(b: Session, config: RunConfig, image: str, models: list[L
 
 
 @contextlib.contextmanager
-def plain_ollama(b: Session, config: RunConfig, image: str, models: list[ListedModel], volumes: dict,
-                 environment: dict | None = None) -> Iterator[None]:
+def plain_ollama(b: Session, config: RunConfig, image: str, models: list[ListedModel],
+                 volumes: dict) -> Iterator[None]:
     """`ollama serve` in `image` on the serve port, polled every 0.1 s until it answers, then `ollama create`
     per model in the mounted serve/; removed when the block ends."""
     engine = containers.client()
     started = time.perf_counter()
     container = engine.containers.run(
         image, ["serve"], entrypoint=["ollama"], detach=True, name=layout.container_name("bench-ollama", config.run),
-        user=f"{containers.IMAGE_UID}:{containers.IMAGE_UID}", environment=environment,
+        user=f"{containers.IMAGE_UID}:{containers.IMAGE_UID}",
         ports={server.CONTAINER_PORT: ("127.0.0.1", config.serve.port)}, volumes=volumes)
     try:
         while True:
@@ -160,7 +160,7 @@ def newest_generation(b: Session, config: RunConfig, model: str, questions: list
     server.stop(config)  # its port
     listed = [m for m in read_models(b.run_dir) if m.name == model]
     inputs = {k: v for k, v in server.volumes(b.run_dir.resolve()).items() if v["mode"] == "ro"}
-    with plain_ollama(b, config, image, listed, inputs, {"HOME": "/tmp", "OLLAMA_MODELS": "/tmp/models"}):
+    with plain_ollama(b, config, image, listed, inputs):
         samples, incomplete = timed_answers(b, ollama.Client(host=server.url(config)), model, questions, options)
     b.invoke(["serve"])
     timed = [s for s in samples if s["eval_count"] >= MIN_TIMED_TOKENS]

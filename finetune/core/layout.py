@@ -56,16 +56,19 @@ def stamp_path(run_dir: Path, stage: str) -> Path:
 
 # Images for machines without a registry: the Debian base (invoke images.base) and Ollama from source.
 BASE_IMAGE = "finetune-base:bookworm"
-OLLAMA_IMAGE = "finetune-ollama:0.24.0"
 # Ollama releases `invoke images.ollama --release` builds from source, each with its Dockerfile: the serve
 # image's (cgo, llama.cpp compiled into the Go binary) and the newest the Go module proxy serves (llama-server
 # generation; its llama.cpp is not the release's, see the Dockerfile), which tests/test_serve.py runs a bundle on.
 OLLAMA_RELEASES = {"0.24.0": "Dockerfile.ollama", "0.34.3": "Dockerfile.ollama-0.34"}
+OLLAMA_SERVE_RELEASE = "0.24.0"
 OLLAMA_NEWEST = "0.34.3"
 
 
 def ollama_image(release: str) -> str:
     return f"finetune-ollama:{release}"
+
+
+OLLAMA_IMAGE = ollama_image(OLLAMA_SERVE_RELEASE)
 
 
 def image_tag(stage: str) -> str:
