@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -246,6 +247,7 @@ def bench(c: Context, config: str | None = None, set_: list[str] | None = None, 
     cfg = load(c, config, set_)
     images = [stage_image(c, stage) for stage in ("train", "convert", "serve")]  # built before timing anything
     images += [c.finetune.ollama_image, c.finetune.base_image] if local_base_reason(c, "serve") else []
+    images += [base_tag(c, "trixie")] if local_base_reason(c, "convert") else []
     try:
         results = bench_.run(cfg, config or c.finetune.config, set_ or [], Path(out) if out else None, images)
     except (bench_.BenchError, modelfiles.ServeError) as e:
@@ -466,17 +468,19 @@ def stage_image(c: Context, stage: str, context: str = ".", tag: str | None = No
         return NATIVE
     args = {}
     if (why := local_base_reason(c, stage)) is not None:
+        suite = baseimage.SUITE if stage == "serve" else base_suite(str(Path(context) / f"Dockerfile.{stage}"))
         try:
             if stage == "serve":
                 ollama(c)
                 args["OLLAMA_IMAGE"] = c.finetune.ollama_image
             else:
-                base(c)
-                args["BASE_IMAGE"] = c.finetune.base_image
+                base(c, suite=suite)
+                args["BASE_IMAGE"] = base_tag(c, suite)
         except Exit as e:
+            command = "images.base" + ("" if suite == baseimage.SUITE else f" --suite {suite}")
             raise Exit(f"{stage}: {why}, and the local base cannot be built either: {e.message}\nFix one of them: "
                        "make the registry reachable for the Docker engine, or build the local base as root "
-                       "(`sudo ./invoke images.base`, which needs debootstrap)", code=e.code) from e
+                       f"(`sudo ./invoke {command}`, which needs debootstrap)", code=e.code) from e
     tag = tag or layout.image_tag(stage)
     try:
         containers.build(str(Path(context) / f"Dockerfile.{stage}"), tag, args, context=context)
@@ -517,16 +521,43 @@ def local_base_reason(c: Context, stage: str) -> str | None:
     return _cannot_pull[stage]
 
 
-@task(help={"tag": "image tag (default: finetune.base_image)", "mirror": "Debian archive URL (default: the host's)",
-            "force": "rebuild even if the image exists"})
-def base(c: Context, tag: str | None = None, mirror: str | None = None, force: bool = False) -> None:
-    """Build a Debian bookworm base image from distro packages (debootstrap + docker import), as root."""
-    tag = tag or c.finetune.base_image
+def base_suite(dockerfile: str) -> str:
+    """The Debian suite of a Dockerfile's local base: the one its upstream default names
+    (`ARG BASE_IMAGE=debian:<suite>-slim`; convert: trixie, for Debian's CPU torch), else bookworm (train's
+    upstream is a CUDA image; the local base stands in for it on CPU)."""
+    try:
+        upstream = containers.dockerfile_default(dockerfile, "BASE_IMAGE")
+    except containers.ContainerError as e:
+        raise Exit(f"images.base: {e}", code=2) from e
+    if (found := re.fullmatch(r"debian:(\w+)(-slim)?", upstream)) is None:
+        return baseimage.SUITE
+    if found.group(1) not in baseimage.SUITES:
+        raise Exit(f"images.base: {dockerfile} builds FROM {upstream}, and a local base builds for "
+                   f"{', '.join(baseimage.SUITES)} only", code=2)
+    return found.group(1)
+
+
+def base_tag(c: Context, suite: str) -> str:
+    """The local base image of `suite`: finetune.base_image for bookworm, finetune-base:<suite> otherwise."""
+    return c.finetune.base_image if suite == baseimage.SUITE else layout.base_image(suite)
+
+
+@task(help={"tag": "image tag (default: finetune.base_image for bookworm, finetune-base:<suite> otherwise)",
+            "mirror": "Debian archive URL (default: the host's)", "force": "rebuild even if the image exists",
+            "suite": f"Debian suite: {', '.join(baseimage.SUITES)} (default: {baseimage.SUITE})"})
+def base(c: Context, tag: str | None = None, mirror: str | None = None, force: bool = False,
+         suite: str = baseimage.SUITE) -> None:
+    """Build a Debian base image from distro packages (debootstrap + docker import), as root: bookworm for the
+    train and Ollama images, trixie for convert (the stage images build the one they need themselves)."""
+    if suite not in baseimage.SUITES:
+        raise Exit(f"images.base: no local base for Debian {suite!r}; these build: {', '.join(baseimage.SUITES)}",
+                   code=2)
+    tag = tag or base_tag(c, suite)
     try:
         if containers.image_exists(tag) and not force:
             print(f"images.base: {tag} exists (use --force to rebuild)")
             return
-        print(f"images.base: {tag} {baseimage.build_base(tag, mirror)}")
+        print(f"images.base: {tag} {baseimage.build_base(tag, mirror, suite)}")
     except containers.ContainerError as e:
         raise Exit(f"images.base: {e}") from e
 

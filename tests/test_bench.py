@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 
 import pytest
 from support import ROOT, invoke, output
@@ -67,7 +68,8 @@ def test_plain_script_stands_alone():
 def test_bench_measures_every_stage_beside_its_baseline(tmp_path):
     """One repetition of everything on 20 training steps: every figure has a positive value, every stage
     row a baseline and a ratio, the profiles name the phases, and the bench run is left stopped."""
-    done = invoke("bench", "--set", "bench.repeats=1", "--set", "bench.train_steps=20", "--out", str(tmp_path))
+    done = invoke("bench", "--set", "bench.repeats=1", "--set", "bench.train_steps=20", "--set", "bench.models=[100m]",
+                  "--out", str(tmp_path))
     assert done.returncode == 0, output(done)
     results = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["stage"], r["figure"]): r for r in results["rows"]}
@@ -97,6 +99,14 @@ def test_bench_measures_every_stage_beside_its_baseline(tmp_path):
         assert (newest in rows) != ("untimed" in serve["ollama_newest"]), serve["ollama_newest"]
     else:
         assert newest not in rows and "ollama_newest" not in serve
+    # Generation at a real size: the random-init 100m model (qwen2 vocabulary), 1 thread and one per core
+    sized = results["details"]["generation at real sizes"]["100m"]
+    assert sized["model"]["vocab_size"] == 151936 and 100e6 < sized["model"]["parameters"] < 130e6
+    for threads in sorted({1, os.cpu_count()}):
+        figure = (f"generation tokens/s, random-init 100m (118M, qwen2 vocab), Q8_0, {threads} "
+                  f"thread{'s' if threads > 1 else ''}, Ollama {layout.OLLAMA_SERVE_RELEASE}")
+        assert rows[("serve", figure)]["ratio"] > 0 and len(sized[f"{threads} threads"]["llama_bench_tg"]) >= 3
+    assert (tmp_path / "model-100m" / "model-Q8_0.gguf").is_file() and not (tmp_path / "model-100m" / "hf").exists()
     table = (tmp_path / "bench.md").read_text()
     assert "| stage | figure | ours: median (min-max) |" in table and "## Profile: convert" in table
     names = [c.name for c in containers.client().containers.list(all=True)]

@@ -174,3 +174,18 @@ def test_verify_checks_every_manifest_entry_and_names_what_differs(tmp_path):
     assert problems[0] == f"{tmp_path / 'train/a.bin'}: missing"
     assert problems[1] == f"{tmp_path / 'convert/b.gguf'}: 11 bytes, the manifest says 10"
     assert problems[2].startswith(f"{tmp_path / 'serve/Modelfile'}: sha256 ") and "the manifest says" in problems[2]
+
+
+def test_manifest_versions_come_from_the_lock_the_image_labels_or_the_native_venv():
+    """Convert's torch and numpy are Debian's (the image's labels), the rest its lock's; a native run's are the
+    venv's own; serve records Ollama's version and the flags its ggml was compiled with."""
+    labels = {"finetune.version.torch": "2.6.0+dfsg-7", "finetune.version.numpy": "1:2.2.4+ds-1"}
+    found = manifest.versions("convert", {"Id": "x", "Config": {"Labels": labels, "Env": ["LLAMA_CPP_COMMIT=abc"]}})
+    assert found["torch"] == "2.6.0+dfsg-7" and found["numpy"] == "1:2.2.4+ds-1" and found["llama.cpp"] == "abc"
+    assert found["transformers"] == "5.23.0"
+    native = manifest.versions("convert", {"Id": "native:x", "Native": {"packages": {"torch": "2.15.0", "numpy": "2.4.6"}}})
+    assert native["torch"] == "2.15.0" and native["numpy"] == "2.4.6"
+    serve = manifest.versions("serve", {"Id": "y", "Config": {"Labels": {
+        "org.opencontainers.image.title": "ollama (built from source)", "org.opencontainers.image.version": "0.24.0",
+        "finetune.ollama.cpu_flags": "-mavx -mavx2 -mfma -mf16c"}}})
+    assert serve == {"ollama": "0.24.0", "ollama_cpu_flags": "-mavx -mavx2 -mfma -mf16c"}

@@ -58,6 +58,30 @@ def test_convert_tiny_model_to_f16_and_kquants(trained_run):
 
 @pytest.mark.docker
 @pytest.mark.slow
+def test_the_convert_image_carries_debians_cpu_torch_and_no_cuda(trained_run):
+    """Convert runs on CPU: the image takes Debian's CPU torch and its numpy (the versions its labels and the
+    manifest state) instead of PyPI's CUDA build and its nvidia-* wheels, and stays within issue 18's 1.5 GB."""
+    from finetune.host import containers
+
+    done = invoke("convert", *sets(trained_run))  # builds the image; the stage cache makes the rest a no-op
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    image = containers.client().images.get(layout.image_tag("convert"))
+    version = image.labels["finetune.version.torch"]
+    probe = ("import importlib.metadata as m, torch; print(torch.__version__, torch.version.cuda, torch.__file__, "
+             "sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].startswith(('nvidia', "
+             "'cuda', 'triton'))))")
+    out = subprocess.run(["docker", "run", "--rm", "--entrypoint", "python", image.id, "-c", probe],
+                         capture_output=True, text=True, check=True).stdout.split(maxsplit=3)
+    assert out[:3] == [version.split("+")[0] + "+debian", "None", "/usr/lib/python3/dist-packages/torch/__init__.py"]
+    assert out[3].strip() == "[]"
+    assert image.attrs["Size"] <= 1.5e9, f"convert image is {image.attrs['Size'] / 1e9:.2f} GB"
+    stages = json.loads((run_dir(trained_run) / "manifest.json").read_text(encoding="utf-8"))["stages"]
+    assert stages["convert"]["versions"]["torch"] == version
+    assert stages["convert"]["versions"]["numpy"] == image.labels["finetune.version.numpy"]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
 def test_the_baselines_gguf_is_made_once_per_base_model_and_reused(trained_run):
     """The base model's GGUF depends on the base model, llama.cpp and the types, not on the run: a convert
     with the cache emptied makes it and stores it (artifacts/.cache/base-gguf/), the next reuses it, byte for

@@ -85,7 +85,7 @@ def test_neither_a_registry_nor_a_local_base_names_both_and_the_fixes(monkeypatc
     import tasks
     from finetune.host.containers import ContainerError
 
-    def no_debootstrap(tag, mirror):
+    def no_debootstrap(tag, mirror, suite):
         raise ContainerError("debootstrap is not installed: `sudo apt-get install -y debootstrap`")
 
     monkeypatch.setattr(tasks, "_cannot_pull", {})
@@ -98,6 +98,16 @@ def test_neither_a_registry_nor_a_local_base_names_both_and_the_fixes(monkeypatc
         "train: cannot pull nvidia/cuda:13.0.2-base-ubuntu24.04, and the local base cannot be built either: "
         "images.base: debootstrap is not installed: `sudo apt-get install -y debootstrap`\nFix one of them: make the "
         "registry reachable for the Docker engine, or build the local base as root (`sudo ./invoke images.base`")
+
+
+def test_each_dockerfile_gets_the_local_base_of_its_debian_suite():
+    import tasks
+
+    assert tasks.base_suite("Dockerfile.convert") == "trixie"  # Debian's CPU torch
+    assert tasks.base_suite("Dockerfile.train") == "bookworm"  # upstream is a CUDA image
+    assert tasks.base_suite("Dockerfile.ollama") == "bookworm"
+    assert tasks.base_tag(context("auto"), "trixie") == "finetune-base:trixie"
+    assert tasks.base_tag(context("auto"), "bookworm") == tasks.baseimage.DEFAULT_TAG
 
 
 def test_an_unknown_local_base_setting_is_refused_with_the_choices():

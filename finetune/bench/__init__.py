@@ -13,7 +13,8 @@ What it measures, bench.repeats times each (median, min and max):
               same merged model; and the stage's own convert + quantize phases vs the same two commands
     serve     generation tokens/s, prompt tokens/s and time to first token through Ollama vs llama-bench
               (the same llama.cpp source as the convert stage) on the same GGUF with the same threads; cold
-              start of the serve container until healthy vs a plain `ollama serve` + `ollama create`
+              start of the serve container until healthy vs a plain `ollama serve` + `ollama create`;
+              with bench.models, generation on random-init models at real sizes (generation.py)
     pipeline  `invoke train convert serve` from an empty run directory, and again with nothing changed, vs
               the plain tools one after another; the size of each image
 Every ratio is a cost: ours over the baseline's for a time or a size, the baseline's over ours for a rate.
@@ -23,7 +24,7 @@ Above 1 the stage costs more than the plain tool; above 1.10 the table flags it,
 The stages run as a user runs them (`invoke <stage>` in a subprocess) on a separate run, <run>-bench, with
 train.max_steps=bench.train_steps and serve.port=bench.port: the user's run and server are not touched.
 Writes OUT/bench.json (every sample) and OUT/bench.md (the table), and the logs of every run to OUT/logs/.
-One module per stage (train.py, convert.py, serve.py, pipeline.py), sharing a Session (common.py); the
+One module per stage (train.py, convert.py, serve.py, generation.py, pipeline.py), sharing a Session (common.py); the
 table is report.py's.
 """
 
@@ -34,7 +35,7 @@ import json
 import time
 from pathlib import Path
 
-from finetune.bench import convert, pipeline, serve, train
+from finetune.bench import convert, generation, pipeline, serve, train
 from finetune.bench.common import FLAG_ABOVE, ROOT, BenchError, Row, Session, fmt
 from finetune.bench.report import markdown
 from finetune.core import layout
@@ -54,6 +55,7 @@ def run(config: RunConfig, config_path: str, overrides: list[str], out: Path | N
     train.run(b)
     convert.run(b)
     serve.run(b)
+    generation.run(b)
     pipeline.run(b)
     pipeline.image_sizes(b)
     results = {"config": config_path, "run": config.run, "bench_run": b.run_name,

@@ -10,7 +10,7 @@ from finetune.host import containers
 from finetune.serve import server
 
 # Image sizes as the closing note of each stage's issue gave them, to see growth.
-NOTED_BYTES = {"finetune-base": 117e6, "finetune-train": 6.64e9, "finetune-convert": 6.25e9,
+NOTED_BYTES = {"finetune-base:bookworm": 117e6, "finetune-train": 6.64e9, "finetune-convert": 6.25e9,
                "finetune-ollama": 235e6, "finetune-serve": 235e6}
 
 
@@ -38,6 +38,6 @@ def image_sizes(b: Session) -> None:
     engine = containers.client()
     for tag in b.images:
         size = engine.images.get(tag).attrs["Size"]
-        noted = NOTED_BYTES.get(tag.split(":")[0])
+        noted = NOTED_BYTES.get(tag, NOTED_BYTES.get(tag.split(":")[0]))
         b.add(Row("images", f"`{tag}`", "MB", [size / 1e6], "size in the note of its issue",
                   [noted / 1e6] if noted else []))

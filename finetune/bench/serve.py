@@ -10,6 +10,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from finetune.bench.common import BenchError, Row, Session, remove_volume
 from finetune.core import data as datasets_
@@ -198,15 +199,17 @@ def timed_answers(b: Session, client, model: str, questions: list[str], options:
     return samples, incomplete
 
 
-def llama_bench(b: Session, gguf: str, n_prompt: int, n_gen: int, threads: int) -> tuple[list[float], list[float]]:
-    """llama-bench's per-repetition tokens/s for prompt processing and for generation."""
+def llama_bench(b: Session, gguf: str, n_prompt: int, n_gen: int, threads: int,
+                folder: Path | None = None) -> tuple[list[float], list[float]]:
+    """llama-bench's per-repetition tokens/s for prompt processing and for generation, on `gguf` in `folder`
+    (default: the bench run's convert/)."""
     work = b.out / "llama-bench"
     work.mkdir(parents=True, exist_ok=True)
     script = (f"llama-bench -m /gguf/{gguf} -p {n_prompt} -n {n_gen} -r {max(b.repeats, 3)} -t {threads} "
               "-o json > /out/llama-bench.json")
     b.container("llama-bench", layout.image_tag("convert"), [script],
                 [containers.Mount(work, "/out", read_only=False),
-                 containers.Mount(layout.stage_dir(b.run_dir, "convert"), "/gguf")], entrypoint=["sh", "-c"])
+                 containers.Mount(folder or layout.stage_dir(b.run_dir, "convert"), "/gguf")], entrypoint=["sh", "-c"])
     results = json.loads((work / "llama-bench.json").read_text())
     pp = next(r["samples_ts"] for r in results if r["n_prompt"] > 0 and r["n_gen"] == 0)
     tg = next(r["samples_ts"] for r in results if r["n_gen"] > 0 and r["n_prompt"] == 0)

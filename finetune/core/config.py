@@ -205,6 +205,10 @@ class BenchSection(_Section):
     train_steps: int = Field(200, gt=0, description="train.max_steps of every training that `invoke bench` runs")
     port: int = Field(11444, gt=0, le=65535, description="host port of the bench runs' Ollama (not serve.port, "
                                                          "so a served model keeps running)")
+    models: list[Literal["100m", "0.5b"]] = Field(
+        default_factory=list, description="also time generation on these random-init models with a real "
+        "vocabulary (Qwen2.5's shape and qwen2 vocabulary: 100m = 118M parameters, 0.5b = Qwen2.5-0.5B's 494M), "
+        "Ollama against llama-bench, 1 thread and one per core")
 
 
 class RunConfig(_Section):

@@ -56,6 +56,12 @@ def stamp_path(run_dir: Path, stage: str) -> Path:
 
 # Images for machines without a registry: the Debian base (invoke images.base) and Ollama from source.
 BASE_IMAGE = "finetune-base:bookworm"
+
+
+def base_image(suite: str) -> str:
+    """The local base of Debian `suite` (a Dockerfile whose upstream default is debian:<suite>-slim builds FROM it)."""
+    return f"finetune-base:{suite}"
+
 # Ollama releases `invoke images.ollama --release` builds from source, each with its Dockerfile: the serve
 # image's (cgo, llama.cpp compiled into the Go binary) and the newest the Go module proxy serves (llama-server
 # generation; its llama.cpp is not the release's, see the Dockerfile), which tests/test_serve.py runs a bundle on.

@@ -1,12 +1,13 @@
-"""A Debian bookworm base image built from distro packages, for machines that cannot pull images.
+"""A Debian base image built from distro packages, for machines that cannot pull images.
 
-    python -m finetune.host.baseimage [--tag finetune-base:bookworm] [--mirror URL]      (as root)
+    python -m finetune.host.baseimage [--suite bookworm] [--tag finetune-base:<suite>] [--mirror URL]   (as root)
 
 `debootstrap --variant=minbase` fills a directory from the Debian mirror that the host's apt already uses;
 the tree, minus logs and caches, is packed as a tar with sorted names and fixed times and imported as
 an image. Each Dockerfile then builds `--build-arg BASE_IMAGE=<this tag>` instead of its upstream default.
 The package versions are whatever the mirror serves that day; the image records its build date and
-mirror in labels.
+mirror in labels. The suite follows the Dockerfile's upstream default (`debian:<suite>-slim`): bookworm for
+train and Ollama, trixie for convert (its CPU build of torch is Debian's python3-torch).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from finetune.host.containers import ContainerError, client
 
 DEFAULT_TAG = layout.BASE_IMAGE
 SUITE = "bookworm"
+SUITES = ("bookworm", "trixie")
 # Written by debootstrap/dpkg/apt at build time; they differ between two builds and nothing needs them.
 VOLATILE = ("var/log", "var/cache/apt", "var/cache/ldconfig", "var/lib/apt/lists", "tmp")
 
@@ -44,8 +46,10 @@ def host_mirror(apt_dir: Path = Path("/etc/apt")) -> str | None:
     return None
 
 
-def build_base(tag: str = DEFAULT_TAG, mirror: str | None = None) -> str:
-    """debootstrap bookworm and import it as `tag`; return the image id. Needs root and debootstrap."""
+def build_base(tag: str = DEFAULT_TAG, mirror: str | None = None, suite: str = SUITE) -> str:
+    """debootstrap `suite` and import it as `tag`; return the image id. Needs root and debootstrap."""
+    if suite not in SUITES:
+        raise ContainerError(f"no local base for Debian {suite!r}: these build: {', '.join(SUITES)}")
     mirror = mirror or host_mirror()
     if mirror is None:
         raise ContainerError("no Debian mirror found in /etc/apt; pass --mirror URL (a Debian archive)")
@@ -56,13 +60,13 @@ def build_base(tag: str = DEFAULT_TAG, mirror: str | None = None) -> str:
     engine = client()
     with tempfile.TemporaryDirectory(prefix="finetune-base-") as tmp:
         rootfs, archive = Path(tmp, "rootfs"), Path(tmp, "rootfs.tar")
-        print(f"images.base: debootstrap {SUITE} from {mirror}", file=sys.stderr)
-        done = subprocess.run(["debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror],
+        print(f"images.base: debootstrap {suite} from {mirror}", file=sys.stderr)
+        done = subprocess.run(["debootstrap", "--variant=minbase", suite, str(rootfs), mirror],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             tail = "\n".join(done.stderr.splitlines()[-5:])
             raise ContainerError(f"debootstrap failed (exit {done.returncode}):\n{tail}\n"
-                                 f"check that {mirror} serves {SUITE}, or pass --mirror")
+                                 f"check that {mirror} serves {suite}, or pass --mirror")
         for rel in VOLATILE:
             for child in (rootfs / rel).glob("*"):
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
@@ -73,7 +77,7 @@ def build_base(tag: str = DEFAULT_TAG, mirror: str | None = None) -> str:
         changes = [
             'CMD ["/bin/bash"]',
             "ENV LANG=C.UTF-8",
-            f"LABEL org.opencontainers.image.description=debootstrap-{SUITE}-minbase",
+            f"LABEL org.opencontainers.image.description=debootstrap-{suite}-minbase",
             f"LABEL finetune.base.mirror={mirror}",
             f"LABEL finetune.base.date={today}",
         ]
@@ -84,15 +88,17 @@ def build_base(tag: str = DEFAULT_TAG, mirror: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the local Debian base image from distro packages.")
-    parser.add_argument("--tag", default=DEFAULT_TAG)
+    parser.add_argument("--suite", default=SUITE, choices=SUITES)
+    parser.add_argument("--tag", help="image tag (default: finetune-base:<suite>)")
     parser.add_argument("--mirror", help="Debian archive URL (default: the host's apt mirror)")
     args = parser.parse_args(argv)
     try:
-        image_id = build_base(args.tag, args.mirror)
+        tag = args.tag or layout.base_image(args.suite)
+        image_id = build_base(tag, args.mirror, args.suite)
     except ContainerError as e:
         print(f"images.base: {e}", file=sys.stderr)
         return 1
-    print(f"{args.tag} {image_id}")
+    print(f"{tag} {image_id}")
     return 0
 
 

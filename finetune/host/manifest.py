@@ -39,7 +39,9 @@ def artifacts(run_dir: Path, out: str) -> list[dict]:
     return [{"path": str(p.relative_to(run_dir)), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
 
 
-# The packages whose versions a stage's artifacts depend on, read from the locks its image was built from.
+# The packages whose versions a stage's artifacts depend on, read from the locks its image was built from; a
+# package its image takes from Debian instead (convert's torch and numpy) from the image's `finetune.version.<name>` label,
+# and for a native run from the venv itself.
 LOCKED_PACKAGES = {
     "train": (("requirements/train.lock", "requirements/deepspeed.lock"),
               ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "deepspeed", "datasets",
@@ -81,15 +83,22 @@ def versions(stage: str, image_attrs: dict) -> dict:
     if stage in LOCKED_PACKAGES:
         locks, names = LOCKED_PACKAGES[stage]
         text = "".join(Path(lock).read_text(encoding="utf-8") for lock in locks)
+        labels = (image_attrs.get("Config") or {}).get("Labels") or {}
+        installed = (image_attrs.get("Native") or {}).get("packages") or {}
         for name in names:
             if m := re.search(rf"^{re.escape(name)}==(\S+)", text, re.M):
                 found[name] = m.group(1)
+            elif version := installed.get(name) or labels.get(f"finetune.version.{name}"):
+                found[name] = version
     env = dict(x.split("=", 1) for x in (image_attrs.get("Config") or {}).get("Env") or [] if "=" in x)
     if stage == "convert":
         found["llama.cpp"] = env.get("LLAMA_CPP_COMMIT", "unknown")
         found["llama-cpp-python"] = "0.3.36"
     if stage == "serve":
         found["ollama"] = ollama_version(image_attrs)
+        labels = (image_attrs.get("Config") or {}).get("Labels") or {}
+        if "finetune.ollama.cpu_flags" in labels:  # Ollama from source: the flags its ggml was compiled with
+            found["ollama_cpu_flags"] = labels["finetune.ollama.cpu_flags"]
     return found
 
 

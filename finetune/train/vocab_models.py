@@ -18,8 +18,8 @@ pre-tokenizer), so the tokenizer is rebuilt from the GGUF's tokens and merges:
 Tokens a vocabulary file predates (Qwen 2.5/3's <tool_call>, <think>, ...) are added at their real ids.
 Then every `.inp`/`.out` test case that llama.cpp ships beside the vocabulary must tokenize to the same
 ids, or the build fails. The model is the family's transformers architecture at a toy size (2 layers,
-hidden 64), initialised from a fixed seed: untrained, so only what it is fed can be compared, never what
-it says.
+hidden 64; `--shape` gives real sizes, for the bench), initialised from a fixed seed: untrained, so only
+what it is fed can be compared, never what it says.
 """
 
 from __future__ import annotations
@@ -44,6 +44,16 @@ IGNORE_MERGES = {"llama-bpe": True, "qwen2": False}
 CONTROL, USER_DEFINED = 3, 4  # GGUF token types
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, head_dim=32, max_position_embeddings=2048, tie_word_embeddings=False)
+# Real sizes, for `invoke bench`'s generation rows (bench.models): with the qwen2 vocabulary (151,936 tokens),
+# "0.5b" is Qwen2.5-0.5B-Instruct's config.json (494M parameters, embeddings tied); "100m" the same
+# proportions at hidden 512, 8 layers (110M, 78M of them the embeddings).
+SHAPES = {
+    "toy": SIZES,
+    "100m": dict(hidden_size=512, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, max_position_embeddings=32768, tie_word_embeddings=True),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, head_dim=64, max_position_embeddings=32768, tie_word_embeddings=True),
+}
 SEED = 1234
 
 
@@ -196,9 +206,9 @@ def check_test_cases(tokenizer, inp: Path | None, expected: Path | None) -> int:
     return len(texts)
 
 
-def build(case: families.Case, source: Path, out: Path) -> dict:
-    """The tokenizer (checked against llama.cpp's test cases), the chat template and a tiny random model
-    of `case` into `out`; returns what was built."""
+def build(case: families.Case, source: Path, out: Path, shape: str = "toy") -> dict:
+    """The tokenizer (checked against llama.cpp's test cases), the chat template and a random model of
+    `case` (at the toy size, or one of SHAPES) into `out`; returns what was built."""
     import torch
     import transformers
 
@@ -216,10 +226,12 @@ def build(case: families.Case, source: Path, out: Path) -> dict:
     config = architecture.config_class(
         vocab_size=len(meta["tokenizer.ggml.tokens"]), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(case.eos), pad_token_id=tokenizer.pad_token_id,
-        **(SIZES | dict(case.model_config)))
-    architecture(config).save_pretrained(out)
+        **(SHAPES[shape] | dict(case.model_config)))
+    model = architecture(config)
+    model.save_pretrained(out)
     built = {"case": case.name, "vocab": gguf.name, "template": case.template, "test_cases": checked,
-             "architecture": case.architecture, "vocab_size": config.vocab_size}
+             "architecture": case.architecture, "vocab_size": config.vocab_size, "shape": shape,
+             "parameters": sum(p.numel() for p in model.parameters())}
     (out / "vocab_model.json").write_text(json.dumps(built, indent=2) + "\n", encoding="utf-8")
     return built
 
@@ -229,10 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", required=True, choices=[c.name for c in families.CASES])
     parser.add_argument("--source", type=Path, required=True, help="the vocabularies and templates, copied out")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shape", choices=list(SHAPES), default="toy", help="the model's size (default: toy)")
     args = parser.parse_args(argv)
     case = next(c for c in families.CASES if c.name == args.case)
     try:
-        print(json.dumps(build(case, args.source, args.out)))
+        print(json.dumps(build(case, args.source, args.out, args.shape)))
     except VocabError as e:
         print(f"vocab_models: {e}")
         return 2
