@@ -4,6 +4,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke --list                  # what there is
     ./invoke data                    # validate the dataset of the default config
     ./invoke images.base             # a local Debian base image, for machines without a registry
+    ./invoke images.base --suite trixie   # ... the convert image's (Debian's CPU torch); built when needed
     ./invoke train                   # fine-tune in the train image -> artifacts/<run>/train/
     ./invoke convert                 # GGUF + quants with the pinned llama.cpp -> artifacts/<run>/convert/
     ./invoke serve                   # Ollama serving the run's model (and its baseline), detached
@@ -12,6 +13,7 @@ code lives in the `finetune` package and runs inside the images.
     ./invoke export                  # the served model as a bundle for any Ollama -> artifacts/<run>/export/
     ./invoke eval                    # baseline vs fine-tuned (every quant) on the eval split: report.html
     ./invoke bench                   # every stage timed beside the plain tools: bench.md, bench.json
+    ./invoke bench --set "bench.models=[0.5b]"   # ... and generation on a 494M random-init model
     ./invoke verify                  # recheck every artifact against artifacts/<run>/manifest.json
     ./invoke verify --golden         # ... and against the published hashes (golden/): same bytes everywhere
     ./invoke families                # each chat-template family trained, converted, served and compared

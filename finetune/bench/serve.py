@@ -193,9 +193,12 @@ def timed_answers(b: Session, client, model: str, questions: list[str], options:
             if last is None:  # cut short by Ollama (server.REPEAT_ABORT): no timings
                 incomplete += 1
                 continue
+            if not last.eval_duration:  # seen: an answer that ended at once (Ollama leaves a zero duration out)
+                continue
             samples.append({"ttft_ms": 1000 * ((first or [time.perf_counter()])[0] - started),
                             "eval_count": last.eval_count, "eval_s": last.eval_duration / 1e9,
-                            "prompt_count": last.prompt_eval_count, "prompt_s": last.prompt_eval_duration / 1e9})
+                            "prompt_count": last.prompt_eval_count or 0,
+                            "prompt_s": (last.prompt_eval_duration or 0) / 1e9})
     return samples, incomplete
 
 
