@@ -249,7 +249,7 @@ def bench(c: Context, config: str | None = None, set_: list[str] | None = None, 
     cfg = load(c, config, set_)
     images = [stage_image(c, stage) for stage in ("train", "convert", "serve")]  # built before timing anything
     images += [c.finetune.ollama_image, c.finetune.base_image] if local_base_reason(c, "serve") else []
-    images += [base_tag(c, "trixie")] if local_base_reason(c, "convert") else []
+    images += [base_tag(c, base_suite("Dockerfile.convert"))] if local_base_reason(c, "convert") else []
     try:
         results = bench_.run(cfg, config or c.finetune.config, set_ or [], Path(out) if out else None, images)
     except (bench_.BenchError, modelfiles.ServeError) as e:

@@ -10,6 +10,7 @@ reused by the next bench with the same OUT."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -24,7 +25,7 @@ from finetune.serve import server
 from finetune.serve.modelfiles import ListedModel
 
 CASE = next(c for c in families.CASES if c.name == "qwen2.5")
-MODELS_DIR = "/opt/llama.cpp/models"  # in the convert image
+MODELS_DIR = layout.LLAMA_CPP_MODELS_DIR
 GGUF = "model-Q8_0.gguf"
 N_GEN = 64
 PROMPTS = ("Hello, how are you today?", "Tell me a story about a cat.", "商品を返品したいです",
@@ -37,15 +38,15 @@ def run(b: Session) -> None:
     config = b.bench_config()
     server.stop(config)  # its port; the pipeline rows start their own
     b.details["generation at real sizes"] = {}
+    ollamas = {layout.OLLAMA_SERVE_RELEASE: layout.image_tag("serve")}
+    if containers.image_exists(newest := layout.ollama_image(layout.OLLAMA_NEWEST)):
+        ollamas[layout.OLLAMA_NEWEST] = newest
     for shape in b.config.bench.models:
         work = b.out / f"model-{shape}"
         built = build(b, shape, work)
         size = f"random-init {shape} ({built['parameters'] / 1e6:.0f}M, qwen2 vocab), Q8_0"
         found = b.details["generation at real sizes"][shape] = {"model": built, "gguf": str(work / GGUF)}
         for threads in sorted({1, os.cpu_count() or 1}):
-            ollamas = {layout.OLLAMA_SERVE_RELEASE: layout.image_tag("serve")}
-            if containers.image_exists(newest := layout.ollama_image(layout.OLLAMA_NEWEST)):
-                ollamas[layout.OLLAMA_NEWEST] = newest
             timed = {release: ollama_rates(b, config, image, work, threads) for release, image in ollamas.items()}
             prompt = round(statistics.median(n for samples in timed.values() for n, _ in samples) or 1)
             _, tg = llama_bench(b, GGUF, prompt, N_GEN, threads, folder=work)
@@ -66,8 +67,6 @@ def per_token(rates: list[float]) -> float:
 
 def build(b: Session, shape: str, work: Path) -> dict:
     """The Q8_0 GGUF of the random-init model in `work` (kept: a later bench with the same OUT reuses it)."""
-    import json
-
     made = work / "vocab_model.json"
     if (work / GGUF).is_file() and made.is_file():
         print(f"bench: {shape}: reusing {work / GGUF}", flush=True)

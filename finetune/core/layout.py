@@ -56,6 +56,7 @@ def stamp_path(run_dir: Path, stage: str) -> Path:
 
 # Images for machines without a registry: the Debian base (invoke images.base) and Ollama from source.
 BASE_IMAGE = "finetune-base:bookworm"
+LLAMA_CPP_MODELS_DIR = "/opt/llama.cpp/models"  # in the convert image: ggml-vocab-*.gguf and templates/
 
 
 def base_image(suite: str) -> str:

@@ -42,7 +42,7 @@ from finetune.host import containers
 from finetune.serve import modelfile, server
 
 ROOT = Path("artifacts") / "families"
-MODELS_DIR = "/opt/llama.cpp/models"  # in the convert image
+MODELS_DIR = layout.LLAMA_CPP_MODELS_DIR
 SYSTEM = "あなたは「さくらマート」のカスタマーサポート担当です。"
 SHOTS = [FewShot(user="送料はいくらですか？", assistant="全国一律500円です。")]
 ANSWERED = [{"role": "user", "content": "商品を返品したいです"},

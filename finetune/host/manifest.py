@@ -80,10 +80,10 @@ def versions(stage: str, image_attrs: dict) -> dict:
     """Tool versions: pinned packages from the stage's lock, llama.cpp's commit and Ollama's version from the
     image (its environment and labels, or `ollama --version`)."""
     found = {}
+    labels = (image_attrs.get("Config") or {}).get("Labels") or {}
     if stage in LOCKED_PACKAGES:
         locks, names = LOCKED_PACKAGES[stage]
         text = "".join(Path(lock).read_text(encoding="utf-8") for lock in locks)
-        labels = (image_attrs.get("Config") or {}).get("Labels") or {}
         installed = (image_attrs.get("Native") or {}).get("packages") or {}
         for name in names:
             if m := re.search(rf"^{re.escape(name)}==(\S+)", text, re.M):
@@ -96,7 +96,6 @@ def versions(stage: str, image_attrs: dict) -> dict:
         found["llama-cpp-python"] = "0.3.36"
     if stage == "serve":
         found["ollama"] = ollama_version(image_attrs)
-        labels = (image_attrs.get("Config") or {}).get("Labels") or {}
         if "finetune.ollama.cpu_flags" in labels:  # Ollama from source: the flags its ggml was compiled with
             found["ollama_cpu_flags"] = labels["finetune.ollama.cpu_flags"]
     return found

@@ -46,7 +46,7 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              num_key_value_heads=1, head_dim=32, max_position_embeddings=2048, tie_word_embeddings=False)
 # Real sizes, for `invoke bench`'s generation rows (bench.models): with the qwen2 vocabulary (151,936 tokens),
 # "0.5b" is Qwen2.5-0.5B-Instruct's config.json (494M parameters, embeddings tied); "100m" the same
-# proportions at hidden 512, 8 layers (110M, 78M of them the embeddings).
+# proportions at hidden 512, 8 layers (118M, 78M of them the embeddings).
 SHAPES = {
     "toy": SIZES,
     "100m": dict(hidden_size=512, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
