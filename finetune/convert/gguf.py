@@ -34,7 +34,9 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.convert import STAGE
@@ -47,6 +49,11 @@ from finetune.core.templates import encode, render, served_prompt, without_bos
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/opt/llama.cpp"))
 LLAMA_CPP_COMMIT = os.environ.get("LLAMA_CPP_COMMIT", "unknown")
 MAX_NEW_TOKENS = 256
+# llama-perplexity runs beside the in-process checks (convert()), the two on separate halves of the cores:
+# ggml's threads spin while they wait for each other, so two runs that each took every core would slow both.
+CORES = os.cpu_count() or 1
+PERPLEXITY_THREADS = max(1, CORES // 2)
+CHECK_THREADS = max(1, CORES - PERPLEXITY_THREADS)
 REPEAT_PENALTY = 1.1
 COMMON_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
@@ -136,7 +143,7 @@ def set_add_bos(path: Path, value: bool) -> None:
 def quantize(source: Path, out: Path, quant: str, imatrix: Path | None) -> None:
     partial = out.with_suffix(".gguf.tmp")
     command = ["llama-quantize", *(["--imatrix", str(imatrix)] if imatrix else []), str(source), str(partial), quant,
-               str(os.cpu_count() or 1)]
+               str(CORES)]
     run_tool(command, f"quantizing to {quant}")
     partial.rename(out)
 
@@ -175,10 +182,12 @@ def perplexity(model: Path, text_file: Path, logits: Path | None = None, compare
     both pick the same top token.
     """
     command = ["llama-perplexity", "-m", str(model), "-f", str(text_file), "-c", "128", "-b", "128",
-               "-t", str(os.cpu_count() or 1)]
+               "-t", str(PERPLEXITY_THREADS)]
     command += ["--kl-divergence-base", str(logits)] if logits else []
+    started = time.monotonic()
     output = run_tool(command + (["--kl-divergence"] if compare else []), f"perplexity of {model.name}")
-    return perplexity_figures(output, compare)
+    return perplexity_figures(output, compare) | {
+        "perplexity_seconds": round(time.monotonic() - started, 3)}
 
 
 def perplexity_figures(output: str, compare: bool) -> dict:
@@ -203,33 +212,32 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
     gets a lap per check ("checks: ..."): their costs, which `invoke bench` shows.
     """
     lap = clock.lap if clock else (lambda phase: None)
-    import gguf
     import llama_cpp
     from llama_cpp import Llama
 
-    reader = gguf.GGUFReader(path)
-    field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
-    arch, template = field("general.architecture"), field("tokenizer.chat_template")
+    started = time.monotonic()
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=CHECK_THREADS, seed=0, verbose=False)
+    load_seconds = time.monotonic() - started
+    lap("checks: load in llama.cpp")
+    # The metadata as llama.cpp read it: gguf-py's GGUFReader took 6.8 s to parse it again from a GGUF with
+    # Qwen2.5's 151,936-token vocabulary (0.07 s for the toy). A bool reads "true" or "false".
+    arch, template = llm.metadata.get("general.architecture"), llm.metadata.get("tokenizer.chat_template")
+    add_bos_key = {"true": True, "false": False}.get(llm.metadata.get("tokenizer.ggml.add_bos_token", ""))
     bos_text = bool(fmt.get("bos_text"))  # the served prompt carries the BOS text (Gemma 4's renderer writes it)
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    n_params = llm._model.n_params()
     problems = []
     if arch != expected_arch:
         problems.append(f"architecture is {arch!r}, expected {expected_arch!r}")
     if tuned and template != fmt["jinja"]:
         problems.append("tokenizer.chat_template differs from the one the model was trained with")
-    if (add_bos_key := field("tokenizer.ggml.add_bos_token")) is None:
+    if add_bos_key is None:
         problems.append("tokenizer.ggml.add_bos_token is missing: llama.cpp would then decide by vocabulary type and "
                         f"Ollama's Go engine would add BOS; training fed {'one' if fmt['bos'] else 'none'}")
-    elif tuned and bool(add_bos_key) != (fmt["bos"] and not bos_text):
+    elif tuned and add_bos_key != (fmt["bos"] and not bos_text):
         problems.append(f"tokenizer.ggml.add_bos_token is {add_bos_key}, but training fed "
                         f"{'a' if fmt['bos'] else 'no'} BOS" + (", which the served prompt carries as text"
                                                                  if bos_text else ""))
     lap("checks: metadata")
-
-    started = time.monotonic()
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
-    load_seconds = time.monotonic() - started
-    lap("checks: load in llama.cpp")
     end = fmt["end_of_turn"]
     if tuned and not llama_cpp.llama_vocab_is_eog(llm._model.vocab, fmt["end_of_turn_id"]):
         problems.append(f"{end} (id {fmt['end_of_turn_id']}) is not an end-of-generation token of the GGUF: "
@@ -268,6 +276,26 @@ def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: b
     }
 
 
+@contextmanager
+def worker() -> Iterator[ThreadPoolExecutor]:
+    """One thread for jobs beside the main line; on a failure, the jobs not begun are dropped, not waited for."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def load_check_tools(model_dirs: list[Path]) -> None:
+    """Import what check_gguf uses and load the trained tokenizers, so that this can run beside the converter."""
+    import llama_cpp  # noqa: F401
+
+    for model_dir in model_dirs:
+        _tokenizer(model_dir)
+
+
 @functools.cache
 def _tokenizer(hf_dir: Path):
     """The Hugging Face tokenizer of a model directory, loaded once for all the GGUFs checked against it."""
@@ -304,54 +332,65 @@ def convert(config: RunConfig, out: Path) -> Path:
         full = work / layout.model_gguf(c.outtype)
         print(f"convert: {merged} -> {full.name}", flush=True)
         base = train / layout.BASE if config.serve.baseline and (train / layout.BASE).is_dir() else None
-        clock.lap("start")
-        # The checks' largest cost on a small model is loading the trained tokenizers (transformers' import
-        # first; `invoke bench` shows it): it runs beside the converter, a subprocess, and hides in its time.
-        with ThreadPoolExecutor(1) as pool:
-            tokenizers = pool.submit(lambda: [_tokenizer(d) for d in (merged, base) if d is not None])
-            to_gguf(merged, full, c.outtype, description, fmt)
-            clock.lap("convert_hf_to_gguf")
-            tokenizers.result()
-            clock.lap("checks: the trained tokenizer")  # what the converter's time did not hide
-        imatrix = None
-        if c.imatrix:
-            text = work / "imatrix-input.txt"
-            text.write_text(conversations_text(config.data.train, merged, fmt), encoding="utf-8")
-            imatrix = work / "imatrix.gguf"
-            run_tool(["llama-imatrix", "-m", str(full), "-f", str(text), "-o", str(imatrix), "-c", "128"],
-                     "computing the importance matrix")
-            text.unlink()
-            clock.lap("imatrix")
-        files = [(c.outtype, full)]
-        for quant in c.quant_types:
-            target = work / layout.model_gguf(quant)
-            print(f"convert: {full.name} -> {target.name}", flush=True)
-            quantize(full, target, quant, imatrix)
-            files.append((quant, target))
-        clock.lap("llama-quantize")
-        if base is not None:
-            files.append((f"base {config.serve.quant}", base_gguf(base, work, config, description, fmt)))
-            clock.lap("baseline GGUF")
-
-        first = datasets_.read_split(config.data.train).examples[0].messages
-        prompt = list(first[: next(i for i, m in enumerate(first) if m["role"] == "user") + 1])
         reference = None
         if config.data.eval:
             reference = work / "perplexity-input.txt"
             reference.write_text(answers_text(config.data.eval), encoding="utf-8")
-        rows = []
-        for kind, path in files:
-            baseline = kind.startswith("base")
-            row = {"type": kind, **check_gguf(path, train / (layout.BASE if baseline else layout.MERGED),
-                                              gguf_architecture(hf_config), fmt, not baseline, prompt, c.require_stop,
-                                              clock)}
-            clock.lap("checks: sha256")  # the file's digest, taken for the report after the checks
-            if reference is not None and baseline:
-                row |= perplexity(path, reference)
-            elif reference is not None:  # files[0] is the full-precision GGUF: its logits are the yardstick
-                row |= perplexity(path, reference, work / "logits.bin", compare=path != files[0][1])
+        clock.lap("start")
+        # A worker beside the main line, one job at a time and in order. First the checks' largest cost on a
+        # small model, the trained tokenizers (transformers' import first) and the check libraries, while the
+        # converter (a subprocess) runs. Then llama-perplexity (a subprocess) on each GGUF as soon as it is
+        # written, while the main line quantizes and checks: the full-precision GGUF first, whose logits the
+        # quants' KL divergence reads. One at a time, as two runs of a large model would compete for the
+        # same cores and memory. The laps are what the main line waited; each run's own time is in its row.
+        with worker() as beside:
+            tools = beside.submit(load_check_tools, [d for d in (merged, base) if d is not None])
+            to_gguf(merged, full, c.outtype, description, fmt)
+            clock.lap("convert_hf_to_gguf")
+            scores: dict[Path, Future] = {}
+
+            def score(path: Path, baseline: bool = False) -> None:
+                if reference is not None:  # no data.eval: no perplexity
+                    logits = None if baseline else work / "logits.bin"
+                    scores[path] = beside.submit(perplexity, path, reference, logits, not baseline and path != full)
+
+            score(full)
+            tools.result()
+            clock.lap("checks: the trained tokenizer")  # what the converter's time did not hide
+            imatrix = None
+            if c.imatrix:
+                text = work / "imatrix-input.txt"
+                text.write_text(conversations_text(config.data.train, merged, fmt), encoding="utf-8")
+                imatrix = work / "imatrix.gguf"
+                run_tool(["llama-imatrix", "-m", str(full), "-f", str(text), "-o", str(imatrix), "-c", "128"],
+                         "computing the importance matrix")
+                text.unlink()
+                clock.lap("imatrix")
+            files = [(c.outtype, full)]
+            for quant in c.quant_types:
+                target = work / layout.model_gguf(quant)
+                print(f"convert: {full.name} -> {target.name}", flush=True)
+                quantize(full, target, quant, imatrix)
+                score(target)
+                files.append((quant, target))
+            clock.lap("llama-quantize")
+            if base is not None:
+                files.append((f"base {config.serve.quant}", base_gguf(base, work, config, description, fmt)))
+                score(files[-1][1], baseline=True)
+                clock.lap("baseline GGUF")
+
+            first = datasets_.read_split(config.data.train).examples[0].messages
+            prompt = list(first[: next(i for i, m in enumerate(first) if m["role"] == "user") + 1])
+            rows = []
+            for kind, path in files:
+                baseline = kind.startswith("base")
+                rows.append({"type": kind, **check_gguf(path, train / (layout.BASE if baseline else layout.MERGED),
+                                                        gguf_architecture(hf_config), fmt, not baseline, prompt,
+                                                        c.require_stop, clock)})
+                clock.lap("checks: sha256")  # the file's digest, taken for the report after the checks
+            for row, (_, path) in zip(rows, files):
+                row |= scores[path].result() if path in scores else {}
             clock.lap("perplexity")
-            rows.append(row)
         if reference:
             reference.unlink()
             (work / "logits.bin").unlink(missing_ok=True)
@@ -416,7 +455,18 @@ def print_table(rows: list[dict]) -> None:
               f"{r['load_seconds']:>7.3f} {ppl:>9}  {r['sha256'][:16]}")
 
 
+def without_torch() -> None:
+    """Keep torch out of this process. The checks need the trained tokenizer only, but transformers imports
+    torch whenever it is installed (modeling_rope_utils), which cost the convert stage about 2 s of CPU beside
+    the converter (a subprocess with its own torch) and 1 s at exit on 2 vCPUs (`invoke bench`'s profile).
+    A None in sys.modules makes an import fail and importlib.util.find_spec, transformers' test, say absent."""
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # not "PyTorch was not found" on every run
+
+
 def main(argv: list[str] | None = None) -> int:
+    without_torch()
     return stage_main(STAGE, "Convert the run's merged model to GGUF and quantize it.", convert, (ConvertError,), argv)
 
 

@@ -8,7 +8,9 @@ artifacts/ belong to whoever ran `invoke`, or IMAGE_UID when `invoke` itself run
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -104,8 +106,9 @@ def cannot_pull(image: str, timeout_s: float = 10) -> str | None:
     return None
 
 
+@functools.cache
 def buildkit_cli() -> list[str]:
-    """The command prefix of a docker CLI that builds with BuildKit.
+    """The command prefix of a docker CLI that builds with BuildKit (asked once per process).
 
     `docker buildx build --load` where the buildx plugin is installed; otherwise a pre-23 client (such as
     Debian's docker.io) whose classic `docker build` uses BuildKit when DOCKER_BUILDKIT=1 is set.
@@ -114,10 +117,10 @@ def buildkit_cli() -> list[str]:
     for cli in candidates:
         if subprocess.run([cli, "buildx", "version"], capture_output=True).returncode == 0:
             return [cli, "buildx", "build", "--load"]
-    for cli in candidates:
-        probe = subprocess.run([cli, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True)
-        major = probe.stdout.strip().split(".")[0]
-        if major.isdigit() and int(major) < 23:
+    for cli in candidates:  # "Docker version 20.10.24+dfsg1, build 297e128": the client's, no engine asked
+        probe = subprocess.run([cli, "--version"], capture_output=True, text=True)
+        major = re.search(r"version (\d+)\.", probe.stdout)
+        if major and int(major.group(1)) < 23:
             return [cli, "build"]
     raise ContainerError("no docker CLI here can build with BuildKit: install the buildx plugin "
                          "(docker-buildx-plugin) or Debian's docker.io client, then run again")
