@@ -564,6 +564,9 @@ def base(c: Context, tag: str | None = None, mirror: str | None = None, force: b
         raise Exit(f"images.base: {e}") from e
 
 
+OLLAMA_PATCHES_LABEL = "finetune.ollama.patches"  # the patches of ours an Ollama image is built with (docker/ollama/)
+
+
 @task(help={"force": "rebuild even if the image exists",
             "release": f"which Ollama release: {', '.join(layout.OLLAMA_RELEASES)} (default: the serve image's)"})
 def ollama(c: Context, force: bool = False, release: str = "") -> None:
@@ -573,13 +576,16 @@ def ollama(c: Context, force: bool = False, release: str = "") -> None:
         raise Exit(f"images.ollama: no Dockerfile builds Ollama {release}; these do: "
                    f"{', '.join(f'{r} ({d})' for r, d in layout.OLLAMA_RELEASES.items())}")
     tag = layout.ollama_image(release) if release else c.finetune.ollama_image
+    dockerfile = layout.OLLAMA_RELEASES[release or layout.OLLAMA_SERVE_RELEASE]
     if containers.image_exists(tag) and not force:
-        print(f"images.ollama: {tag} exists (use --force to rebuild)")
-        return
+        patches = containers.client().images.get(tag).labels.get(OLLAMA_PATCHES_LABEL, "")
+        if patches == (wanted := containers.dockerfile_label(dockerfile, OLLAMA_PATCHES_LABEL)):
+            print(f"images.ollama: {tag} exists (use --force to rebuild)")
+            return
+        print(f"images.ollama: rebuilding {tag}: it has the patches {patches or '(none)'}, {dockerfile} {wanted}")
     base(c)
     try:
-        containers.build(layout.OLLAMA_RELEASES[release or layout.OLLAMA_SERVE_RELEASE], tag,
-                         {"BASE_IMAGE": c.finetune.base_image})
+        containers.build(dockerfile, tag, {"BASE_IMAGE": c.finetune.base_image})
     except containers.ContainerError as e:
         raise Exit(f"images.ollama: {e}") from e
     print(f"images.ollama: {tag} built")

@@ -187,5 +187,6 @@ def test_manifest_versions_come_from_the_lock_the_image_labels_or_the_native_ven
     assert native["torch"] == "2.15.0" and native["numpy"] == "2.4.6"
     serve = manifest.versions("serve", {"Id": "y", "Config": {"Labels": {
         "org.opencontainers.image.title": "ollama (built from source)", "org.opencontainers.image.version": "0.24.0",
-        "finetune.ollama.cpu_flags": "-mavx -mavx2 -mfma -mf16c"}}})
-    assert serve == {"ollama": "0.24.0", "ollama_cpu_flags": "-mavx -mavx2 -mfma -mf16c"}
+        "finetune.ollama.cpu_flags": "-mavx -mavx2 -mfma -mf16c", "finetune.ollama.patches": "threadpool.patch"}}})
+    assert serve == {"ollama": "0.24.0", "ollama_cpu_flags": "-mavx -mavx2 -mfma -mf16c",
+                     "ollama_patches": "threadpool.patch"}

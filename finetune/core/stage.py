@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -129,6 +130,15 @@ def stage_main(stage: Stage, description: str, run: Callable[[Any, Path], Path |
     if final is not None:  # None: a training process other than rank 0, which publishes nothing
         print(f"{stage.name}: done -> {final}", flush=True)
     return 0
+
+
+def exit_without_teardown(code: int) -> None:
+    """End a stage process with `code` once stage_main has returned: its output is published (or removed)
+    and its files closed. Python's teardown of the modules a stage loads (torch, transformers, TRL) took 2.1 s
+    after training and 0.25 s after the convert checks (measured on 2 vCPUs), for nothing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def publish(work: Path, final: Path) -> None:

@@ -81,6 +81,14 @@ def dockerfile_default(dockerfile: str | Path, arg: str) -> str:
     raise ContainerError(f"{dockerfile} has no `ARG {arg}=<image>` default")
 
 
+def dockerfile_label(dockerfile: str | Path, name: str) -> str:
+    """The value a Dockerfile's LABEL instruction gives `name` (`name="value"` on a LABEL line or its
+    continuation), or "" where it sets none."""
+    found = re.search(rf'^\s*(?:LABEL\s+)?{re.escape(name)}="([^"]*)"', Path(dockerfile).read_text(encoding="utf-8"),
+                      re.M)
+    return found.group(1) if found else ""
+
+
 _unreachable: dict[str, str] = {}  # registry -> why it did not answer, once per process
 
 

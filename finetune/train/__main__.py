@@ -1,7 +1,6 @@
 """`python -m finetune.train`: the train image's entrypoint."""
 
-import sys
-
+from finetune.core.stage import exit_without_teardown
 from finetune.train.sft import main
 
-sys.exit(main())
+exit_without_teardown(main())
