@@ -564,9 +564,6 @@ def base(c: Context, tag: str | None = None, mirror: str | None = None, force: b
         raise Exit(f"images.base: {e}") from e
 
 
-OLLAMA_PATCHES_LABEL = "finetune.ollama.patches"  # the patches of ours an Ollama image is built with (docker/ollama/)
-
-
 @task(help={"force": "rebuild even if the image exists",
             "release": f"which Ollama release: {', '.join(layout.OLLAMA_RELEASES)} (default: the serve image's)"})
 def ollama(c: Context, force: bool = False, release: str = "") -> None:
@@ -578,8 +575,8 @@ def ollama(c: Context, force: bool = False, release: str = "") -> None:
     tag = layout.ollama_image(release) if release else c.finetune.ollama_image
     dockerfile = layout.OLLAMA_RELEASES[release or layout.OLLAMA_SERVE_RELEASE]
     if containers.image_exists(tag) and not force:
-        patches = containers.client().images.get(tag).labels.get(OLLAMA_PATCHES_LABEL, "")
-        if patches == (wanted := containers.dockerfile_label(dockerfile, OLLAMA_PATCHES_LABEL)):
+        patches = containers.client().images.get(tag).labels.get(layout.OLLAMA_PATCHES_LABEL, "")
+        if patches == (wanted := containers.dockerfile_label(dockerfile, layout.OLLAMA_PATCHES_LABEL)):
             print(f"images.ollama: {tag} exists (use --force to rebuild)")
             return
         print(f"images.ollama: rebuilding {tag}: it has the patches {patches or '(none)'}, {dockerfile} {wanted}")

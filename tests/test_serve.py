@@ -236,14 +236,15 @@ def test_ollama_keeps_its_cpu_threads_from_one_decode_to_the_next(served):
     num_batch 1 a prompt is one decode per token, and without the pool each decode on 2 threads creates a
     worker thread and joins it (33-48 for this prompt, measured on the unpatched build)."""
     labels = containers.client().images.get(layout.image_tag("serve")).labels
-    if "threadpool.patch" not in labels.get("finetune.ollama.patches", ""):
+    if "threadpool.patch" not in labels.get(layout.OLLAMA_PATCHES_LABEL, ""):
         pytest.skip("the serve image is FROM an upstream Ollama image, not the one built here (Dockerfile.ollama)")
     client = ollama.Client(host=f"http://127.0.0.1:{PORT}")
     options = {"num_thread": 2, "num_batch": 1, "num_predict": 1, "temperature": 0}
     client.generate("sakura-support-tiny", "x", raw=True, options=options)  # the runner starts with these options
     for i in range(3):  # a new first token each time: Ollama's prompt cache would skip a shared prefix
         before = threads_created_since_boot()
-        done = client.generate("sakura-support-tiny", f"{i}" + "商品を返品したいです。" * 8, raw=True, options=options)
+        prompt = f"{i}" + "商品を返品したいです。" * 8
+        done = client.generate("sakura-support-tiny", prompt, raw=True, options=options)
         created = threads_created_since_boot() - before
         assert done.prompt_eval_count >= 30 and created < done.prompt_eval_count / 4, \
             f"{created} threads created on this machine during {done.prompt_eval_count} decodes"

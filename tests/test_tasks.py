@@ -113,7 +113,8 @@ def test_each_dockerfile_gets_the_local_base_of_its_debian_suite():
 def test_an_ollama_image_built_without_the_patches_its_dockerfile_names_is_rebuilt(monkeypatch, capsys):
     import tasks
 
-    assert tasks.containers.dockerfile_label("Dockerfile.ollama", tasks.OLLAMA_PATCHES_LABEL) == "threadpool.patch"
+    label = tasks.layout.OLLAMA_PATCHES_LABEL
+    assert tasks.containers.dockerfile_label("Dockerfile.ollama", label) == "threadpool.patch"
     assert (ROOT / "docker" / "ollama" / "threadpool.patch").is_file()
 
     class Image:

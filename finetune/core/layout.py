@@ -76,6 +76,7 @@ def ollama_image(release: str) -> str:
 
 
 OLLAMA_IMAGE = ollama_image(OLLAMA_SERVE_RELEASE)
+OLLAMA_PATCHES_LABEL = "finetune.ollama.patches"  # the patches of ours an Ollama image is built with (docker/ollama/)
 
 
 def image_tag(stage: str) -> str:

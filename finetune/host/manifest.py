@@ -98,8 +98,8 @@ def versions(stage: str, image_attrs: dict) -> dict:
         found["ollama"] = ollama_version(image_attrs)
         if "finetune.ollama.cpu_flags" in labels:  # Ollama from source: the flags its ggml was compiled with
             found["ollama_cpu_flags"] = labels["finetune.ollama.cpu_flags"]
-        if "finetune.ollama.patches" in labels:  # ... and the patches on top of the release (docker/ollama/)
-            found["ollama_patches"] = labels["finetune.ollama.patches"]
+        if layout.OLLAMA_PATCHES_LABEL in labels:  # ... and the patches on top of the release (docker/ollama/)
+            found["ollama_patches"] = labels[layout.OLLAMA_PATCHES_LABEL]
     return found
 
 
