@@ -574,8 +574,8 @@ def ollama(c: Context, force: bool = False, release: str = "") -> None:
                    f"{', '.join(f'{r} ({d})' for r, d in layout.OLLAMA_RELEASES.items())}")
     tag = layout.ollama_image(release) if release else c.finetune.ollama_image
     dockerfile = layout.OLLAMA_RELEASES[release or layout.OLLAMA_SERVE_RELEASE]
-    if containers.image_exists(tag) and not force:
-        patches = containers.client().images.get(tag).labels.get(layout.OLLAMA_PATCHES_LABEL, "")
+    if not force and (labels := containers.image_labels(tag)) is not None:
+        patches = labels.get(layout.OLLAMA_PATCHES_LABEL, "")
         if patches == (wanted := containers.dockerfile_label(dockerfile, layout.OLLAMA_PATCHES_LABEL)):
             print(f"images.ollama: {tag} exists (use --force to rebuild)")
             return

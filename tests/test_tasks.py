@@ -117,20 +117,16 @@ def test_an_ollama_image_built_without_the_patches_its_dockerfile_names_is_rebui
     assert tasks.containers.dockerfile_label("Dockerfile.ollama", label) == "threadpool.patch"
     assert (ROOT / "docker" / "ollama" / "threadpool.patch").is_file()
 
-    class Image:
-        labels = {"finetune.ollama.cpu_flags": "-mavx2"}  # an image built before the patch
-
+    labels = {"finetune.ollama.cpu_flags": "-mavx2"}  # an image built before the patch
     built = []
-    monkeypatch.setattr(tasks.containers, "image_exists", lambda tag: True)
-    monkeypatch.setattr(tasks.containers, "client", lambda: type("Engine", (), {"images": type(
-        "Images", (), {"get": staticmethod(lambda tag: Image)})})())
+    monkeypatch.setattr(tasks.containers, "image_labels", lambda tag: labels)
     monkeypatch.setattr(tasks, "base", lambda c: None)
     monkeypatch.setattr(tasks.containers, "build", lambda dockerfile, tag, args: built.append((dockerfile, tag)))
     tasks.ollama(context("auto"))
     assert built == [("Dockerfile.ollama", "finetune-ollama:0.24.0")]
     assert "rebuilding finetune-ollama:0.24.0: it has the patches (none), Dockerfile.ollama threadpool.patch" \
         in capsys.readouterr().out
-    Image.labels = {"finetune.ollama.patches": "threadpool.patch"}
+    labels = {"finetune.ollama.patches": "threadpool.patch"}
     tasks.ollama(context("auto"))
     assert len(built) == 1 and "exists (use --force to rebuild)" in capsys.readouterr().out
 

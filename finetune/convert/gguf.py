@@ -51,6 +51,7 @@ LLAMA_CPP_COMMIT = os.environ.get("LLAMA_CPP_COMMIT", "unknown")
 MAX_NEW_TOKENS = 256
 # llama-perplexity runs beside the in-process checks (convert()), the two on separate halves of the cores:
 # ggml's threads spin while they wait for each other, so two runs that each took every core would slow both.
+# Without data.eval no perplexity runs, and the checks take every core.
 CORES = os.cpu_count() or 1
 PERPLEXITY_THREADS = max(1, CORES // 2)
 CHECK_THREADS = max(1, CORES - PERPLEXITY_THREADS)
@@ -202,21 +203,23 @@ def perplexity_figures(output: str, compare: bool) -> dict:
 
 
 def check_gguf(path: Path, hf_dir: Path, expected_arch: str, fmt: dict, tuned: bool,
-               prompt_messages: list[dict], require_stop: bool = True, clock: Stopwatch | None = None) -> dict:
+               prompt_messages: list[dict], require_stop: bool = True, clock: Stopwatch | None = None,
+               threads: int = CHECK_THREADS) -> dict:
     """Load a GGUF, check its metadata and that it tokenizes a chat prompt (rendered with the trained
     template, `fmt` from chat.json) into the ids the Hugging Face tokenizer in hf_dir gives in training, BOS
     included, and generate greedily; raise ConvertError if anything is off.
 
     tuned False checks a base model: it loads and generates, but it was never taught the template or to
     end its turn. require_stop False records how the greedy answer ended without failing on it. `clock`
-    gets a lap per check ("checks: ..."): their costs, which `invoke bench` shows.
+    gets a lap per check ("checks: ..."): their costs, which `invoke bench` shows. `threads`: llama.cpp's
+    for the load and the generation.
     """
     lap = clock.lap if clock else (lambda phase: None)
     import llama_cpp
     from llama_cpp import Llama
 
     started = time.monotonic()
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=CHECK_THREADS, seed=0, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, seed=0, verbose=False)
     load_seconds = time.monotonic() - started
     lap("checks: load in llama.cpp")
     # The metadata as llama.cpp read it: gguf-py's GGUFReader took 6.8 s to parse it again from a GGUF with
@@ -386,7 +389,8 @@ def convert(config: RunConfig, out: Path) -> Path:
                 baseline = kind.startswith("base")
                 rows.append({"type": kind, **check_gguf(path, train / (layout.BASE if baseline else layout.MERGED),
                                                         gguf_architecture(hf_config), fmt, not baseline, prompt,
-                                                        c.require_stop, clock)})
+                                                        c.require_stop, clock,
+                                                        CHECK_THREADS if reference is not None else CORES)})
                 clock.lap("checks: sha256")  # the file's digest, taken for the report after the checks
             for row, (_, path) in zip(rows, files):
                 row |= scores[path].result() if path in scores else {}

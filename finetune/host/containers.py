@@ -65,11 +65,15 @@ def client() -> docker.DockerClient:
 
 
 def image_exists(tag: str) -> bool:
+    return image_labels(tag) is not None
+
+
+def image_labels(tag: str) -> dict[str, str] | None:
+    """The labels of a local image (empty when it has none), or None when there is no such image."""
     try:
-        client().images.get(tag)
+        return client().images.get(tag).labels or {}
     except ImageNotFound:
-        return False
-    return True
+        return None
 
 
 def dockerfile_default(dockerfile: str | Path, arg: str) -> str:
