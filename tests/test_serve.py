@@ -235,7 +235,7 @@ def test_ollama_keeps_its_cpu_threads_from_one_decode_to_the_next(served):
     """docker/ollama/threadpool.patch: Ollama built here keeps one ggml thread pool for the model. With
     num_batch 1 a prompt is one decode per token, and without the pool each decode on 2 threads creates a
     worker thread and joins it (33-48 for this prompt, measured on the unpatched build)."""
-    labels = containers.client().images.get(layout.image_tag("serve")).labels
+    labels = containers.image_labels(layout.image_tag("serve"))
     if "threadpool.patch" not in labels.get(layout.OLLAMA_PATCHES_LABEL, ""):
         pytest.skip("the serve image is FROM an upstream Ollama image, not the one built here (Dockerfile.ollama)")
     client = ollama.Client(host=f"http://127.0.0.1:{PORT}")
